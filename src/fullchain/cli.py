@@ -1,0 +1,153 @@
+"""The `ds` command: parses arguments, calls one stage function, maps user errors to exit code 2.
+
+Each command is thin: the work lives in `fullchain.pipeline`, `fullchain.evaluate` and `fullchain.bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fullchain import __version__
+from fullchain.errors import UserError
+
+app = typer.Typer(
+    name="ds",
+    help="fullchain: train, optimise, deploy and watch PyTorch models from one YAML file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect run files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console()
+
+ConfigPath = Annotated[Path, typer.Argument(help="run file (YAML)", show_default=False)]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a field, e.g. --set train.max_steps=50 (repeatable)"),
+]
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from fullchain.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"fullchain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+) -> None:
+    """fullchain: train, optimise, deploy and watch PyTorch models from one YAML file."""
+
+
+@app.command()
+def train(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Train the model a run file describes; writes runs/<name>/ with metrics and the model artifact."""
+    from fullchain.pipeline import train_stage
+
+    cfg = _load(config, overrides)
+    outcome = train_stage(cfg)
+    r = outcome.result
+    out.print(
+        f"trained {r.steps} steps in {r.wall_s:.1f}s ({r.samples_per_s:.0f} samples/s); "
+        f"model written to {outcome.model_dir}"
+    )
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="model artifact directory (runs/<name>/model)")],
+    data: Annotated[str | None, typer.Option(help="dataset name or a .csv/.jsonl/.npz file or image folder")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val, test or all")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics to this JSON file")] = None,
+) -> None:
+    """Score a model artifact: accuracy, macro-F1 and the confusion matrix."""
+    from fullchain.evaluate import evaluate_artifact
+
+    metrics = evaluate_artifact(model_dir, data=data, split=split, batch_size=batch_size)
+    _print_eval(metrics)
+    if json_out is not None:
+        json_out.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _print_eval(metrics: dict) -> None:
+    headline = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    out.print(f"[bold]{metrics['split']}[/] " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in headline.items()))
+    if "confusion_matrix" in metrics:
+        names = metrics["label_names"]
+        table = Table(title="confusion matrix (rows: true, columns: predicted)")
+        table.add_column("")
+        for name in names:
+            table.add_column(name[:12], justify="right")
+        for name, row in zip(names, metrics["confusion_matrix"], strict=True):
+            table.add_row(name[:12], *(str(v) for v in row))
+        out.print(table)
+
+
+@app.command()
+def run(config: ConfigPath, overrides: Overrides = None) -> None:
+    """The main job: every stage of the run file in order; writes runs/<name>/summary.json."""
+    from fullchain.pipeline import run_pipeline
+
+    cfg = _load(config, overrides)
+    summary = run_pipeline(cfg)
+    out.print_json(json.dumps(summary))
+    out.print(f"summary written to {cfg.run_dir / 'summary.json'}")
+
+
+@app.command()
+def bench(
+    name: Annotated[str | None, typer.Argument(help="benchmark name; omit with --list")] = None,
+    quick: Annotated[bool, typer.Option(help="a small setting that runs in seconds (for tests)")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this JSON file")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the benchmarks")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Run one benchmark side by side against its peer; prints a table, --json writes the record."""
+    from fullchain.bench import BENCHMARKS, run_benchmark
+
+    if list_ or name is None:
+        for bench_name, module in BENCHMARKS.items():
+            out.print(f"{bench_name:20s} {module.__doc__.strip().splitlines()[0]}")
+        return
+    run_benchmark(name, quick=quick, json_path=json_out, device=device, console=out)
+
+
+@config_app.command("show")
+def config_show(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Print the resolved run file: defaults filled in, overrides applied, validated."""
+    from fullchain.config import dump_config
+
+    out.print(dump_config(_load(config, overrides)), end="", highlight=False)
+
+
+def main() -> None:
+    try:
+        app(prog_name="ds")
+    except UserError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The typed schema of a run, loaded from one YAML file.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails loudly. Errors are
+reported as one line naming the file, the dotted path of the field and what was expected, e.g.
+``quickstart.yaml: train.precision: 'fp8' is not one of fp32, bf16, fp16``.
+``--set a.b=c`` overrides are applied to the raw YAML before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fullchain.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerConfig(Section):
+    """A subword tokenizer trained on the training split only (the `tokenizers` library)."""
+
+    kind: Literal["wordpiece", "bpe"] = "wordpiece"
+    vocab_size: int = Field(8000, ge=100)
+    max_length: int = Field(256, ge=8)
+    lowercase: bool = True
+
+
+class DataConfig(Section):
+    """Which dataset, how to split it, and how to turn it into tensors.
+
+    `name` is a built-in set (bbc_news, fashion_mnist, digits), a user format (csv, jsonl,
+    image_folder, npz) read from `path`, or `lm_text` (a causal-LM stream over BBC News).
+    """
+
+    name: Literal["bbc_news", "fashion_mnist", "digits", "csv", "jsonl", "image_folder", "npz", "lm_text"]
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    max_samples: int | None = Field(None, ge=10, description="keep a stratified slice of this many samples")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    image_size: int | None = Field(None, ge=4, description="resize image_folder images to this square size")
+    block_size: int = Field(128, ge=8, description="sequence length for lm_text")
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _path_for_user_formats(self) -> DataConfig:
+        if self.name in ("csv", "jsonl", "image_folder", "npz") and not self.path:
+            raise ValueError(f"data.path is required when data.name is {self.name!r}")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        return self
+
+
+class ModelConfig(Section):
+    """A reference model by `name`, or a user model by `target: "pkg.module:Class"`; `args` go to it."""
+
+    name: str | None = None
+    target: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_of_name_or_target(self) -> ModelConfig:
+        if (self.name is None) == (self.target is None):
+            raise ValueError("give exactly one of model.name (a reference model) or model.target ('pkg.module:Class')")
+        if self.target is not None and ":" not in self.target:
+            raise ValueError(f"model.target {self.target!r} must look like 'pkg.module:Class'")
+        return self
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    args: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the optimiser")
+
+
+class ScheduleConfig(Section):
+    """Linear warm-up for `warmup_steps`, then cosine decay to `min_lr_ratio * lr` at the last step."""
+
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainConfig(Section):
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    max_steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    clip_norm: float | None = Field(None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    eval_every: int | None = Field(None, ge=1, description="steps between evaluations; None: end of each epoch")
+    log_every: int = Field(10, ge=1)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    progress: bool = True
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.max_steps is None and self.epochs is None:
+            self.epochs = 1
+        return self
+
+
+class CheckpointConfig(Section):
+    """Filled by the fault-tolerance work; accepted now so run files can already carry it."""
+
+    every_steps: int = Field(500, ge=1)
+    keep_last: int = Field(3, ge=1)
+    enabled: bool = False
+
+
+class DistributedConfig(Section):
+    """Filled by the data-parallel work; today runs are single-process."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class RunConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    runs_dir: str = "runs"
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def describe_error(err: dict[str, Any]) -> str:
+    """One readable phrase for one pydantic error."""
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    if kind == "literal_error":
+        allowed = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+        return f"{value!r} is not one of {allowed}"
+    if kind == "extra_forbidden":
+        return f"unknown key {value!r}" if not isinstance(value, dict | list) else "unknown key"
+    if kind == "missing":
+        return "is required"
+    if kind.endswith("_parsing") or kind.endswith("_type"):
+        wanted = kind.split("_")[0]
+        return f"expected {wanted}, got {value!r}"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        phrase = describe_error(err)
+        if err["type"] == "extra_forbidden":
+            loc, key = loc.rpartition(".")[0], loc.rpartition(".")[2]
+            phrase = f"unknown key {key!r}"
+        parts.append(f"{loc}: {phrase}" if loc else phrase)
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a `--set` value the way YAML would (`50` -> int, `bf16` -> str, `[1,2]` -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override to the raw config mapping, creating sections as needed."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.max_steps=50")
+    key, _, value = assignment.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise UserError(f"--set {assignment!r}: empty key")
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {assignment!r}: {part} is not a section")
+        node = child
+    node[path[-1]] = parse_value(value)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run file; every problem becomes a `UserError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such run file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path.name}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path.name}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_config(raw, source=path.name)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

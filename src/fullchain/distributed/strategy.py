@@ -1,0 +1,52 @@
+"""Parallel strategies as small objects the Trainer holds.
+
+A strategy wraps the model for its kind of parallelism, says whether gradients must be synchronised on a
+given micro-batch (accumulation skips the sync until the last micro-batch of a step), and tells which
+process logs. `LocalStrategy` is one process on one device; data-parallel strategies subclass it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class LocalStrategy:
+    world_size = 1
+    rank = 0
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def sync_gradients(self, model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward; `sync=False` defers the gradient all-reduce.
+
+        Uses the wrapper's ``no_sync()`` when it has one (DDP), so accumulation never pays for a sync
+        it throws away.
+        """
+        if not sync and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return getattr(model, "module", model)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from fullchain.errors import UserError
+
+        raise UserError(f"train.device: {name!r} requested but no CUDA device is available (use auto or cpu)")
+    return device

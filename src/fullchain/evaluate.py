@@ -1,0 +1,112 @@
+"""`ds evaluate`: rebuild a model artifact without pickle and score it on held-out or user data.
+
+By default the artifact's own recipe (data config + seed in model.json, tokenizer.json beside it) rebuilds
+exactly the split the model was trained against, so the figures match the end of training. ``--data``
+scores a different set instead: a built-in name or a user file (csv, jsonl, npz, image folder); its labels
+are mapped onto the model's label names by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from fullchain.artifact import load_artifact, load_tokenizer
+from fullchain.config import DataConfig
+from fullchain.data import DataBundle, build_data
+from fullchain.errors import UserError
+from fullchain.train.evaluation import evaluate_model
+from fullchain.train.trainer import cross_entropy_loss
+
+USER_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".npz": "npz"}
+SPLITS = ("train", "val", "test", "all")
+
+
+class _RelabelledDataset(Dataset):
+    """Maps a dataset's label indices onto the model's label indices (by label name)."""
+
+    def __init__(self, data: Dataset, mapping: list[int]):
+        self.data, self.mapping = data, mapping
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        return x, torch.tensor(self.mapping[int(y)])
+
+
+def data_config_for(data: str, recorded: dict[str, Any]) -> tuple[DataConfig, str]:
+    """A DataConfig for `--data` (name or path) that keeps the recorded tokenizer/image settings."""
+    base = {k: v for k, v in recorded.items() if k in ("text_column", "label_column", "tokenizer", "image_size")}
+    path = Path(data)
+    if path.exists():
+        name = "image_folder" if path.is_dir() else USER_FORMATS.get(path.suffix.lower())
+        if name is None:
+            raise UserError(f"--data {data}: unknown file type {path.suffix!r} (use .csv, .jsonl, .npz or a folder)")
+        return DataConfig(name=name, path=str(path), val_fraction=0.0, **base), "all"
+    try:
+        return DataConfig(name=data, **base), "test"
+    except ValueError:
+        raise UserError(f"--data {data!r}: neither an existing file nor a known dataset name") from None
+
+
+def select_split(bundle: DataBundle, split: str) -> Dataset:
+    if split == "all":
+        return ConcatDataset([d for d in (bundle.train, bundle.val, bundle.test) if d is not None])
+    chosen = getattr(bundle, split)
+    if chosen is None:
+        raise UserError(f"--split {split}: this dataset has no {split} split")
+    return chosen
+
+
+def evaluate_artifact(
+    model_dir: str | Path,
+    data: str | None = None,
+    split: str | None = None,
+    batch_size: int = 64,
+    bundle: DataBundle | None = None,
+) -> dict[str, Any]:
+    """Score the artifact; returns accuracy, macro_f1, loss, n, the confusion matrix and label names."""
+    model, spec = load_artifact(model_dir)
+    if split is not None and split not in SPLITS:
+        raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    if bundle is None:
+        if spec.data is None and data is None:
+            raise UserError(f"{model_dir}: model.json records no training data; pass --data")
+        recorded = spec.data["config"] if spec.data else {}
+        seed = spec.data["seed"] if spec.data else 0
+        if data is None:
+            cfg, default_split = DataConfig.model_validate(recorded), "test"
+        else:
+            cfg, default_split = data_config_for(data, recorded)
+        split = split or default_split
+        bundle = build_data(cfg, seed=seed, tokenizer=load_tokenizer(model_dir))
+    split = split or "test"
+    dataset = select_split(bundle, split)
+    if spec.label_names and bundle.label_names != spec.label_names:
+        unknown = sorted(set(bundle.label_names) - set(spec.label_names))
+        if unknown:
+            raise UserError(f"--data: labels {unknown} are not among the model's labels {spec.label_names}")
+        dataset = _RelabelledDataset(dataset, [spec.label_names.index(n) for n in bundle.label_names])
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=bundle.collate)
+    num_classes = len(spec.label_names) or None
+    metrics = evaluate_model(model, loader, cross_entropy_loss, torch.device("cpu"), num_classes)
+    result = {
+        "split": split,
+        "n": metrics["n"],
+        "loss": metrics["eval_loss"],
+    }
+    if "eval_accuracy" in metrics:
+        result.update(
+            accuracy=metrics["eval_accuracy"],
+            macro_f1=metrics["eval_macro_f1"],
+            confusion_matrix=metrics["confusion_matrix"],
+            label_names=spec.label_names,
+        )
+    else:
+        result.update(perplexity=metrics["eval_perplexity"], token_accuracy=metrics["eval_token_accuracy"])
+    return result

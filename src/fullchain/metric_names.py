@@ -1,0 +1,19 @@
+"""Metric names shared by training, serving and the monitor: Prometheus style, base units.
+
+The same names appear as keys in ``metrics.jsonl`` and as Prometheus series, so one reader handles both.
+"""
+
+STEP = "step"
+TRAIN_LOSS = "train_loss"
+LEARNING_RATE = "learning_rate"
+GRAD_NORM = "grad_norm"
+TRAIN_SAMPLES_TOTAL = "train_samples_total"
+TRAIN_SAMPLES_PER_SECOND = "train_samples_per_second"
+TRAIN_STEP_SECONDS = "train_step_seconds"
+DATA_WAIT_SECONDS = "train_data_wait_seconds"
+AMP_SKIPPED_STEPS_TOTAL = "amp_skipped_steps_total"
+AMP_LOSS_SCALE = "amp_loss_scale"
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
+EVAL_MACRO_F1 = "eval_macro_f1"
+WALL_SECONDS = "wall_seconds"

@@ -1,0 +1,126 @@
+"""The stages behind `ds train` and `ds run`: from a validated run config to a run directory.
+
+`train_stage` builds data, model and optimiser from the config, trains with the Trainer and writes the
+model artifact; `run_pipeline` walks every stage in order and records each stage's headline figures in
+``summary.json``. Later stages (optimize, export, serve) read only the files earlier stages wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from fullchain.artifact import ModelSpec, save_artifact
+from fullchain.config import OptimizerConfig, RunConfig, dump_config
+from fullchain.data import DataBundle, build_data
+from fullchain.evaluate import evaluate_artifact
+from fullchain.models import build_model, count_parameters, model_args_from_data
+from fullchain.train.trainer import Trainer, TrainResult
+
+console = Console(stderr=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **cfg.args}
+    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.name]
+    try:
+        return cls(params, **kwargs)
+    except TypeError as exc:
+        from fullchain.errors import UserError
+
+        raise UserError(f"train.optimizer.args: {exc}") from None
+
+
+@dataclass
+class TrainOutcome:
+    result: TrainResult
+    model_dir: Path
+    bundle: DataBundle
+    parameters: int
+
+
+def build_model_for(cfg: RunConfig, bundle: DataBundle) -> tuple[torch.nn.Module, dict[str, str], dict[str, Any]]:
+    """The configured model with its data-derived arguments filled in; returns model, builder, full args."""
+    if cfg.model.name is not None:
+        args = model_args_from_data(cfg.model.name, bundle.input_spec, cfg.model.args)
+        builder = {"name": cfg.model.name}
+    else:
+        args = dict(cfg.model.args)
+        builder = {"target": cfg.model.target}
+    return build_model(name=cfg.model.name, target=cfg.model.target, args=args), builder, args
+
+
+def train_stage(cfg: RunConfig) -> TrainOutcome:
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    seed_everything(cfg.seed)
+    with console.status(f"loading {cfg.data.name}"):
+        bundle = build_data(cfg.data, seed=cfg.seed)
+    model, builder, args = build_model_for(cfg, bundle)
+    n_params = count_parameters(model)
+    console.print(
+        f"[bold]{cfg.name}[/]: {builder.get('name') or builder.get('target')} ({n_params / 1e6:.2f}M params) "
+        f"on {cfg.data.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
+        f"{len(bundle.test)} test, precision {cfg.train.precision}"
+    )
+    trainer = Trainer(
+        model,
+        build_optimizer(model, cfg.train.optimizer),
+        bundle.train,
+        bundle.val,
+        cfg.train,
+        run_dir=run_dir,
+        collate_fn=bundle.collate,
+        num_classes=bundle.num_classes or None,
+        seed=cfg.seed,
+    )
+    result = trainer.fit()
+    spec = ModelSpec(
+        builder=builder,
+        args=args,
+        input={"kind": bundle.kind, **bundle.input_spec},
+        label_names=bundle.label_names,
+        preprocessing=bundle.preprocessing,
+        data={"config": cfg.data.model_dump(mode="json"), "seed": cfg.seed},
+        extra={"run": cfg.name, "train": result.summary()},
+    )
+    model_dir = save_artifact(run_dir / "model", trainer.unwrapped_model.cpu(), spec, tokenizer=bundle.tokenizer)
+    return TrainOutcome(result=result, model_dir=model_dir, bundle=bundle, parameters=n_params)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
+def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+    """`ds run`: every stage in order; returns (and writes) the summary."""
+    started = time.perf_counter()
+    outcome = train_stage(cfg)
+    eval_metrics = evaluate_artifact(outcome.model_dir, split="test", bundle=outcome.bundle)
+    summary = {
+        "name": cfg.name,
+        "model_dir": str(outcome.model_dir),
+        "train": {**outcome.result.summary(), "parameters": outcome.parameters},
+        "eval": {k: v for k, v in eval_metrics.items() if k != "confusion_matrix"},
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    write_summary(cfg.run_dir, summary)
+    return summary
