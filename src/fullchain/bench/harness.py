@@ -87,14 +87,20 @@ def spread(values: list[float]) -> dict[str, float]:
 def alternate(
     contenders: dict[str, Callable[[], dict[str, float]]], repeats: int, warmup: int = 1
 ) -> dict[str, list[dict[str, float]]]:
-    """Run each contender `warmup` times, then `repeats` rounds of A B A B ...; returns each round's measures."""
+    """Run each contender `warmup` times, then `repeats` rounds of all contenders; returns each round's measures.
+
+    The order rotates from round to round (A B C, B C A, C A B, ...) so that no contender always runs
+    right after the same other one: a state left behind by one (allocator, caches, clock) is shared out.
+    """
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
-    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            rounds[name].append(fn())
+    names = list(contenders)
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for i in range(repeats):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            rounds[name].append(contenders[name]())
     return rounds
 
 

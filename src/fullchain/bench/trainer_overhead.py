@@ -95,10 +95,10 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     dev = resolve_device(device)
     if quick:
         data_cfg = DataConfig(name="digits", val_fraction=0.0, test_fraction=0.2)
-        model_name, model_args, batch_size, total_steps, repeats = "cnn", {"widths": [32, 64, 64]}, 32, 60, 3
+        model_name, model_args, batch_size, total_steps, repeats = "cnn", {}, 64, 100, 11
     else:
         data_cfg = DataConfig(name="fashion_mnist", val_fraction=0.0, test_fraction=0.2, max_samples=20000)
-        model_name, model_args, batch_size, total_steps, repeats = "cnn", {}, 64, 300, 5
+        model_name, model_args, batch_size, total_steps, repeats = "cnn", {}, 64, 300, 9
     seed = 0
     bundle = build_data(data_cfg, seed=seed)
     args = model_args_from_data(model_name, bundle.input_spec, model_args)

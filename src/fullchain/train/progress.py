@@ -1,6 +1,6 @@
 """A rich progress bar as a callback: step / total, loss, samples/s and ETA.
 
-Rich redraws from its own thread a few times a second, so updating it every step costs a few
+Rich redraws from its own thread twice a second, so updating it every step costs a few
 microseconds; the loss shown is the last logged one, so the bar never forces a device sync.
 """
 
@@ -42,7 +42,7 @@ class ProgressBar(Callback):
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
-            refresh_per_second=4,
+            refresh_per_second=2,
         )
         self._progress.start()
         self._task = self._progress.add_task(

@@ -133,17 +133,21 @@ class Trainer:
 
     def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
         """One optimiser update over the micro-batches of one step; returns the step's loss and grad norm."""
-        self.model.train()
+        if not self.model.training:  # Module.train() walks every submodule: ~0.3 ms a step on a small CNN
+            self.model.train()
         step_targets = sum(count_targets(y) for _, y in micro_batches)
-        step_loss = torch.zeros((), device=self.device)
+        step_loss = 0.0
         for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             is_last = i == len(micro_batches) - 1
+            share = count_targets(y) / step_targets  # this micro-batch's weight in the step's mean loss
             with self.strategy.sync_gradients(self.model, sync=is_last):
                 with self.precision.autocast():
-                    loss = self.loss_fn(self.model(x), y) * (count_targets(y) / step_targets)
+                    loss = self.loss_fn(self.model(x), y)
+                    if share != 1.0:
+                        loss = loss * share
                 self.precision.backward(loss)
-            step_loss += loss.detach()
+            step_loss = step_loss + loss.detach()
         self.precision.unscale(self.optimizer)
         grad_norm = clip_gradients(self.model.parameters(), self.config.clip_norm)
         self.precision.step(self.optimizer)
