@@ -50,7 +50,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")
+    ] = False,
 ) -> None:
     """fullchain: train, optimise, deploy and watch PyTorch models from one YAML file."""
 
@@ -127,7 +129,8 @@ def bench(
         for bench_name, module in BENCHMARKS.items():
             out.print(f"{bench_name:20s} {module.__doc__.strip().splitlines()[0]}")
         return
-    run_benchmark(name, quick=quick, json_path=json_out, device=device, console=out)
+    wide = out if out.is_terminal else Console(width=160)  # logs keep whole table cells
+    run_benchmark(name, quick=quick, json_path=json_out, device=device, console=wide)
 
 
 @config_app.command("show")

@@ -107,5 +107,6 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     for precision in precisions[1:]:
         record.ratios[f"{precision}_vs_fp32_speed"] = paired_ratio(rounds, precision, "fp32", "samples_per_s")
         record.ratios[f"{precision}_accuracy_delta_points"] = 100 * (results[precision]["test_accuracy"] - fp32_acc)
-        record.checks[f"{precision}_accuracy_within_0.5pt"] = abs(record.ratios[f"{precision}_accuracy_delta_points"]) <= 0.5
+        delta = record.ratios[f"{precision}_accuracy_delta_points"]
+        record.checks[f"{precision}_accuracy_within_0.5pt"] = abs(delta) <= 0.5
     return record

@@ -124,7 +124,10 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
 
         return measure
 
-    contenders = {"raw_pytorch": contender("raw_pytorch", raw_loop), "fullchain": contender("fullchain", fullchain_trainer)}
+    contenders = {
+        "raw_pytorch": contender("raw_pytorch", raw_loop),
+        "fullchain": contender("fullchain", fullchain_trainer),
+    }
     if _lightning_available():
         contenders["lightning_fabric"] = contender("lightning_fabric", lightning_fabric)
     rounds = alternate(contenders, repeats=repeats, warmup=1)
@@ -147,7 +150,6 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     record.ratios["trainer_vs_raw"] = paired_ratio(rounds, "fullchain", "raw_pytorch", "samples_per_s")
     if "lightning_fabric" in rounds:
         record.ratios["fabric_vs_raw"] = paired_ratio(rounds, "lightning_fabric", "raw_pytorch", "samples_per_s")
-    record.checks["weights_identical"] = all(
-        torch.equal(final_weights["raw_pytorch"][k], final_weights["fullchain"][k]) for k in final_weights["raw_pytorch"]
-    )
+    raw, ours = final_weights["raw_pytorch"], final_weights["fullchain"]
+    record.checks["weights_identical"] = all(torch.equal(raw[k], ours[k]) for k in raw)
     return record

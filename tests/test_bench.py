@@ -1,0 +1,42 @@
+"""`ds bench` as the acceptance script runs it: the JSON record, its ratios and checks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def bench(name, tmp_path):
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run([sys.executable, "-m", "fullchain.cli", "bench", name, "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert {"bench", "version", "commit", "torch", "device", "threads", "settings", "results", "ratios",
+            "checks"} <= record.keys()
+    return record
+
+
+@pytest.mark.slow
+def test_trainer_overhead_quick(tmp_path):
+    record = bench("trainer-overhead", tmp_path)
+    assert record["checks"]["weights_identical"] is True
+    assert record["ratios"]["trainer_vs_raw"] >= 0.9  # acceptance asks 0.97 on a quiet machine; CI shares cores
+    assert {"raw_pytorch", "fullchain"} <= record["results"].keys()
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Fashion-MNIST: sudo apt-get install dataset-fashion-mnist")
+def test_amp_quick(tmp_path):
+    record = bench("amp", tmp_path)
+    assert {"fp32", "bf16"} <= record["results"].keys()
+    assert record["ratios"]["bf16_vs_fp32_speed"] > 0
+    assert 0 <= record["results"]["bf16"]["test_accuracy"] <= 1
+
+
+def test_unknown_benchmark_is_a_user_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fullchain.cli", "bench", "nope"], capture_output=True, text=True)
+    assert result.returncode == 2 and "known: trainer-overhead, amp" in result.stderr
