@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fullchain import __version__
-from fullchain.errors import UserError
+from fullchain.errors import TrainingStopped, UserError
 
 app = typer.Typer(
     name="ds",
@@ -58,12 +58,32 @@ def _root(
 
 
 @app.command()
-def train(config: ConfigPath, overrides: Overrides = None) -> None:
-    """Train the model a run file describes; writes runs/<name>/ with metrics and the model artifact."""
+def train(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    resume: Annotated[
+        str | None, typer.Option(help="auto (newest valid checkpoint) or a checkpoint directory")
+    ] = None,
+    nproc_per_node: Annotated[int, typer.Option(min=1, help="processes per machine (via torchrun)")] = 1,
+    nnodes: Annotated[int, typer.Option(min=1, help="machines taking part")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="this machine's index")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous (several machines)")] = None,
+    max_restarts: Annotated[int, typer.Option(min=0, help="restarts of the group after a failed worker")] = 0,
+) -> None:
+    """Train the model a run file describes; writes runs/<name>/ with metrics, checkpoints and the model."""
+    cfg = _load(config, overrides)  # validate before launching anything
+    if nproc_per_node > 1 or nnodes > 1 or max_restarts > 0:
+        from fullchain.distributed.launch import launch
+
+        code = launch(config, overrides or [], resume, nproc_per_node=nproc_per_node, nnodes=nnodes,
+                      node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+        if code != 0:
+            raise typer.Exit(code)
+        out.print(f"distributed training finished; model written to {cfg.run_dir / 'model'}")
+        return
     from fullchain.pipeline import train_stage
 
-    cfg = _load(config, overrides)
-    outcome = train_stage(cfg)
+    outcome = train_stage(cfg, resume=resume)
     r = outcome.result
     out.print(
         f"trained {r.steps} steps in {r.wall_s:.1f}s ({r.samples_per_s:.0f} samples/s); "
@@ -146,6 +166,9 @@ def main() -> None:
         app(prog_name="ds")
     except UserError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except TrainingStopped as exc:
+        Console(stderr=True).print(f"[bold yellow]{exc}[/]", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

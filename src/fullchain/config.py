@@ -47,7 +47,6 @@ class DataConfig(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     image_size: int | None = Field(None, ge=4, description="resize image_folder images to this square size")
     block_size: int = Field(128, ge=8, description="sequence length for lm_text")
-    num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _path_for_user_formats(self) -> DataConfig:
@@ -100,6 +99,7 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations; None: end of each epoch")
     log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     progress: bool = True
     tensorboard: bool = True
@@ -112,17 +112,22 @@ class TrainConfig(Section):
 
 
 class CheckpointConfig(Section):
-    """Filled by the fault-tolerance work; accepted now so run files can already carry it."""
+    """Atomic, checksummed checkpoints under runs/<name>/checkpoints/ (see fullchain.train.checkpoint)."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    enabled: bool = True
     every_steps: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
-    enabled: bool = False
+    keep_every: int | None = Field(None, ge=1, description="also keep every checkpoint whose step is a multiple")
+    async_save: bool = Field(True, alias="async", description="persist in the background after staging to CPU")
 
 
 class DistributedConfig(Section):
-    """Filled by the data-parallel work; today runs are single-process."""
+    """Data-parallel settings; the number of processes comes from the launch (`ds train --nproc-per-node`)."""
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(60.0, gt=0, description="collective timeout: how fast a dead peer is noticed")
 
 
 class RunConfig(Section):

@@ -13,3 +13,11 @@ class UserError(Exception):
 
 class MissingDatasetError(UserError):
     """A dataset package or file is not installed; the message names the install command."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal after saving a checkpoint; the CLI exits with 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

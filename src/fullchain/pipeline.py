@@ -7,8 +7,10 @@ model artifact; `run_pipeline` walks every stage in order and records each stage
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,12 @@ from rich.console import Console
 from fullchain.artifact import ModelSpec, save_artifact
 from fullchain.config import OptimizerConfig, RunConfig, dump_config
 from fullchain.data import DataBundle, build_data
+from fullchain.distributed.ddp import DDPStrategy, launched_by_torchrun
+from fullchain.distributed.strategy import LocalStrategy, resolve_device
+from fullchain.errors import TrainingStopped
 from fullchain.evaluate import evaluate_artifact
 from fullchain.models import build_model, count_parameters, model_args_from_data
+from fullchain.train.checkpoint import Checkpointer
 from fullchain.train.trainer import Trainer, TrainResult
 
 console = Console(stderr=True)
@@ -65,20 +71,47 @@ def build_model_for(cfg: RunConfig, bundle: DataBundle) -> tuple[torch.nn.Module
     return build_model(name=cfg.model.name, target=cfg.model.target, args=args), builder, args
 
 
-def train_stage(cfg: RunConfig) -> TrainOutcome:
+def config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
+
+
+def make_checkpointer(cfg: RunConfig, strategy: LocalStrategy) -> Checkpointer | None:
+    if not cfg.checkpoint.enabled:
+        return None
+    return Checkpointer(
+        cfg.run_dir / "checkpoints",
+        keep_last=cfg.checkpoint.keep_last,
+        keep_every=cfg.checkpoint.keep_every,
+        async_save=cfg.checkpoint.async_save,
+        config_hash=config_hash(cfg),
+        world_size=strategy.world_size,
+        rank=strategy.rank,
+    )
+
+
+def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | None:
+    """Train as the run file says; returns the outcome on rank 0 (None on other ranks).
+
+    `resume` is "auto" (the newest valid checkpoint, or a fresh start when there is none) or a path.
+    """
+    strategy = DDPStrategy(cfg.distributed.backend, cfg.distributed.timeout_s) if launched_by_torchrun() else None
+    strategy = strategy or LocalStrategy(resolve_device(cfg.train.device))
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if strategy.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.seed)
     with console.status(f"loading {cfg.data.name}"):
         bundle = build_data(cfg.data, seed=cfg.seed)
     model, builder, args = build_model_for(cfg, bundle)
     n_params = count_parameters(model)
-    console.print(
-        f"[bold]{cfg.name}[/]: {builder.get('name') or builder.get('target')} ({n_params / 1e6:.2f}M params) "
-        f"on {cfg.data.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
-        f"{len(bundle.test)} test, precision {cfg.train.precision}"
-    )
+    if strategy.is_main:
+        console.print(
+            f"[bold]{cfg.name}[/]: {builder.get('name') or builder.get('target')} ({n_params / 1e6:.2f}M params) "
+            f"on {cfg.data.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
+            f"{len(bundle.test)} test, precision {cfg.train.precision}, {strategy.world_size} process(es)"
+        )
+    checkpointer = make_checkpointer(cfg, strategy)
     trainer = Trainer(
         model,
         build_optimizer(model, cfg.train.optimizer),
@@ -89,8 +122,28 @@ def train_stage(cfg: RunConfig) -> TrainOutcome:
         collate_fn=bundle.collate,
         num_classes=bundle.num_classes or None,
         seed=cfg.seed,
+        strategy=strategy,
+        checkpointer=checkpointer,
+        checkpoint_every=cfg.checkpoint.every_steps if checkpointer else None,
+        resume=resume,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    if result.resumed_from_step is not None and strategy.is_main:
+        console.print(f"resumed from the checkpoint of step {result.resumed_from_step}")
+    if result.stopped_by is not None:
+        strategy.close()
+        raise TrainingStopped(
+            f"stopped by {result.stopped_by} at step {result.steps}; checkpoint saved in "
+            f"{run_dir / 'checkpoints'}; continue with: ds train <run file> --resume auto",
+            exit_code=128 + int(getattr(signal, result.stopped_by)),
+        )
+    if not strategy.is_main:
+        strategy.close()
+        return None
     spec = ModelSpec(
         builder=builder,
         args=args,
@@ -101,6 +154,7 @@ def train_stage(cfg: RunConfig) -> TrainOutcome:
         extra={"run": cfg.name, "train": result.summary()},
     )
     model_dir = save_artifact(run_dir / "model", trainer.unwrapped_model.cpu(), spec, tokenizer=bundle.tokenizer)
+    strategy.close()
     return TrainOutcome(result=result, model_dir=model_dir, bundle=bundle, parameters=n_params)
 
 

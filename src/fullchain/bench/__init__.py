@@ -6,13 +6,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fullchain.bench import amp, trainer_overhead
+from fullchain.bench import amp, checkpoint, trainer_overhead
 from fullchain.bench.harness import BenchRecord, print_record, write_record
 from fullchain.errors import UserError
 
 BENCHMARKS = {
     "trainer-overhead": trainer_overhead,
     "amp": amp,
+    "checkpoint": checkpoint,
 }
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from fullchain.bench.harness import BenchRecord, alternate, paired_ratio, summarise
 from fullchain.config import DataConfig, ScheduleConfig, TrainConfig
 from fullchain.data import build_data
+from fullchain.data.sampler import ResumableSampler
 from fullchain.distributed.strategy import resolve_device
 from fullchain.models import build_model, model_args_from_data
 from fullchain.train.schedule import lr_factor
@@ -27,7 +28,9 @@ LR = 1e-3
 
 
 def _loader(dataset, batch_size: int, seed: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    """A seeded shuffle per epoch (`sampler.set_epoch`, as with DistributedSampler): the Trainer's data order."""
+    sampler = ResumableSampler(len(dataset), seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(seed))
 
 
 def _optimizer_and_schedule(model: torch.nn.Module, total_steps: int, schedule: ScheduleConfig):
@@ -41,8 +44,10 @@ def raw_loop(model, dataset, batch_size, total_steps, schedule, seed, device) ->
     loader = _loader(dataset, batch_size, seed)
     opt, sched = _optimizer_and_schedule(model, total_steps, schedule)
     model.train()
-    step = 0
+    step, epoch = 0, 0
     while step < total_steps:
+        loader.sampler.set_epoch(epoch)
+        epoch += 1
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x), y)
@@ -68,10 +73,13 @@ def lightning_fabric(model, dataset, batch_size, total_steps, schedule, seed, de
     fabric = Fabric(accelerator=device.type, devices=1, precision="32-true")
     opt, sched = _optimizer_and_schedule(model, total_steps, schedule)
     model, opt = fabric.setup(model, opt)
-    loader = fabric.setup_dataloaders(_loader(dataset, batch_size, seed), use_distributed_sampler=False)
+    sampler_loader = _loader(dataset, batch_size, seed)
+    loader = fabric.setup_dataloaders(sampler_loader, use_distributed_sampler=False)
     model.train()
-    step = 0
+    step, epoch = 0, 0
     while step < total_steps:
+        sampler_loader.sampler.set_epoch(epoch)
+        epoch += 1
         for x, y in loader:
             loss = F.cross_entropy(model(x), y)
             fabric.backward(loss)

@@ -39,6 +39,12 @@ class LocalStrategy:
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return getattr(model, "module", model)
 
+    def barrier(self) -> None:
+        """Wait for every rank; nothing to wait for in one process."""
+
+    def close(self) -> None:
+        """Release the process group, if any."""
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present, else the CPU."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,26 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def last_step_in(path: Path) -> int | None:
+    """The highest step already logged in a metrics.jsonl (None when there is none)."""
+    if not path.is_file():
+        return None
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    return max(steps, default=None)
+
+
 class MetricsLogger(Callback):
     def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed at train end
+        path = self.run_dir / "metrics.jsonl"
+        self.last_logged_step = last_step_in(path)
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed at train end
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -43,6 +59,16 @@ class MetricsLogger(Callback):
             for key, value in metrics.items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
+
+    def on_train_start(self, trainer: Any) -> None:
+        """After a resume or a restart, record it: from which step, how many logged steps are redone, which restart."""
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if trainer.resumed_from_step is None and restarts == 0:
+            return
+        start = trainer.resumed_from_step or 0
+        lost = max(0, (self.last_logged_step or 0) - start)
+        self.write(start, {"event": "resume", "steps_lost": lost, "restart_count": restarts,
+                           "checkpoint_load_seconds": trainer.resume_load_s or 0.0})
 
     def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         if metrics.get("logged"):

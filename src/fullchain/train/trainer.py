@@ -27,13 +27,17 @@ from torch.utils.data import DataLoader, Dataset
 from fullchain import metric_names as M
 from fullchain.config import TrainConfig
 from fullchain.data.bundle import IGNORE_INDEX
+from fullchain.data.sampler import ResumableSampler
 from fullchain.distributed.strategy import LocalStrategy, resolve_device
+from fullchain.errors import UserError
 from fullchain.train.callbacks import CallbackList
+from fullchain.train.checkpoint import Checkpointer, TrainingState, capture_rng_state, restore_rng_state
 from fullchain.train.evaluation import evaluate_model
 from fullchain.train.logging import MetricsLogger
 from fullchain.train.precision import clip_gradients, make_precision
 from fullchain.train.progress import ProgressBar
 from fullchain.train.schedule import make_scheduler
+from fullchain.train.signals import StopSignals
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -52,6 +56,10 @@ def count_targets(targets: torch.Tensor) -> int:
     return targets.shape[0]
 
 
+class CheckpointMismatch(UserError):
+    """A checkpoint that cannot continue this run (other batch layout)."""
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -61,6 +69,8 @@ class TrainResult:
     final_loss: float
     skipped_steps: int
     last_eval: dict[str, Any] = field(default_factory=dict)
+    resumed_from_step: int | None = None
+    stopped_by: str | None = None  # the signal that ended training early, after a checkpoint
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -70,6 +80,7 @@ class TrainResult:
             "samples_per_s": round(self.samples_per_s, 2),
             "final_loss": self.final_loss,
             "amp_skipped_steps": self.skipped_steps,
+            "resumed_from_step": self.resumed_from_step,
         }
 
 
@@ -89,12 +100,19 @@ class Trainer:
         collate_fn: Callable | None = None,
         num_classes: int | None = None,
         seed: int = 0,
+        strategy: LocalStrategy | None = None,
+        checkpointer: Checkpointer | None = None,
+        checkpoint_every: int | None = None,
+        resume: str | Path | None = None,
     ):
         self.config = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
         cfg = self.config
-        self.device = resolve_device(cfg.device)
-        self.strategy = LocalStrategy(self.device)
+        self.strategy = strategy or LocalStrategy(resolve_device(cfg.device))
+        self.device = self.strategy.device
         self.model = self.strategy.wrap(model)
+        self.checkpointer = checkpointer
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.precision = make_precision(cfg.precision, self.device)
@@ -109,7 +127,11 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.samples_seen = 0
+        self.micro_batches_in_epoch = 0
         self.last_eval: dict[str, Any] = {}
+        self._last_checkpoint_step: int | None = None
+        self.resumed_from_step: int | None = None
+        self.resume_load_s: float | None = None
         default_callbacks: list[Any] = []
         if run_dir is not None and self.strategy.is_main:
             default_callbacks.append(MetricsLogger(Path(run_dir), tensorboard=cfg.tensorboard))
@@ -118,15 +140,24 @@ class Trainer:
         self.callbacks = CallbackList(default_callbacks + list(callbacks))
 
     def _loader(self, data: Dataset | DataLoader, collate_fn: Callable | None, shuffle: bool) -> DataLoader:
+        """Training data gets a `ResumableSampler` (seeded, sharded by rank, resumable mid-epoch).
+
+        The loader's own generator keeps DataLoader from drawing on the global RNG at every epoch,
+        which would shift dropout masks between an uninterrupted and a resumed run.
+        """
         if isinstance(data, DataLoader):
             return data
+        sampler = None
+        if shuffle:
+            sampler = ResumableSampler(len(data), self.seed, rank=self.strategy.rank,
+                                       world_size=self.strategy.world_size)
         return DataLoader(
             data,
             batch_size=self.config.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=collate_fn,
             generator=torch.Generator().manual_seed(self.seed),
-            num_workers=0,
+            num_workers=self.config.num_workers,
         )
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -157,35 +188,47 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.config
+        self.resumed_from_step = self._restore() if self.resume else None
         self.callbacks.fire("on_train_start", self)
         start = last_log_time = time.perf_counter()
         samples_since_log, data_wait = 0, 0.0
         out: dict[str, Any] = {"loss": torch.tensor(float("nan"))}
-        while self.step < self.total_steps:
-            batches = self.epoch_steps()
-            while self.step < self.total_steps:
-                fetch_start = time.perf_counter()
-                micro_batches = next(batches, None)
-                data_wait += time.perf_counter() - fetch_start
-                if micro_batches is None:
-                    break
-                out = self.train_step(micro_batches)
-                samples = sum(len(y) for _, y in micro_batches)
-                self.step += 1
-                self.samples_seen += samples
-                samples_since_log += samples
-                metrics: dict[str, Any] = {"logged": False}
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    metrics = self._log_metrics(out, samples_since_log, now - last_log_time, data_wait)
-                    last_log_time, samples_since_log, data_wait = now, 0, 0.0
-                self.callbacks.fire("on_step_end", self, metrics)
-                if self._eval_due(end_of_epoch=False):
+        with StopSignals(enabled=self.checkpointer is not None) as stop:
+            while self.step < self.total_steps and not stop.requested:
+                batches = self.epoch_steps()
+                while self.step < self.total_steps and not stop.requested:
+                    fetch_start = time.perf_counter()
+                    micro_batches = next(batches, None)
+                    data_wait += time.perf_counter() - fetch_start
+                    if micro_batches is None:
+                        break
+                    out = self.train_step(micro_batches)
+                    samples = sum(len(y) for _, y in micro_batches)
+                    self.step += 1
+                    self.samples_seen += samples
+                    self.micro_batches_in_epoch += len(micro_batches)
+                    samples_since_log += samples
+                    metrics: dict[str, Any] = {"logged": False}
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        now = time.perf_counter()
+                        metrics = self._log_metrics(out, samples_since_log, now - last_log_time, data_wait)
+                        last_log_time, samples_since_log, data_wait = now, 0, 0.0
+                    self.callbacks.fire("on_step_end", self, metrics)
+                    if self._eval_due(end_of_epoch=False):
+                        self.evaluate()
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self.save_checkpoint()
+                else:
+                    continue  # stopped by the step budget or a signal: leave the epoch unfinished
+                self.epoch += 1
+                self.micro_batches_in_epoch = 0
+                self.callbacks.fire("on_epoch_end", self, self.epoch)
+                if self._eval_due(end_of_epoch=True):
                     self.evaluate()
-            self.epoch += 1
-            self.callbacks.fire("on_epoch_end", self, self.epoch)
-            if self._eval_due(end_of_epoch=True):
-                self.evaluate()
+            # After a signal, only a single process saves: with several ranks the signal usually means
+            # torchrun is tearing the group down, and a collective save with a dead peer would hang.
+            if not stop.requested or self.strategy.world_size == 1:
+                self._final_checkpoint()
         wall = time.perf_counter() - start
         result = TrainResult(
             steps=self.step,
@@ -195,15 +238,88 @@ class Trainer:
             final_loss=float(out["loss"]),
             skipped_steps=self.precision.skipped_steps,
             last_eval=self.last_eval,
+            resumed_from_step=self.resumed_from_step,
+            stopped_by=stop.requested,
         )
         self.callbacks.fire("on_train_end", self, result)
         return result
 
     def epoch_steps(self) -> Iterator[list[Batch]]:
-        """Group one epoch's micro-batches into steps of `grad_accum` (the last step may be shorter)."""
+        """This epoch's micro-batches grouped into steps of `grad_accum` (the last step may be shorter).
+
+        After a resume, the micro-batches the interrupted run already consumed in this epoch are skipped.
+        """
+        sampler = self.train_loader.sampler
+        if isinstance(sampler, ResumableSampler):
+            sampler.set_epoch(self.epoch, skip=self.micro_batches_in_epoch * self.config.batch_size)
+        elif hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
         it = iter(self.train_loader)
         while chunk := list(itertools.islice(it, self.config.grad_accum)):
             yield chunk
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def training_state(self) -> TrainingState:
+        """Everything a bit-exact continuation needs, at a step boundary."""
+        trainer_state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "samples_seen": self.samples_seen,
+            "micro_batches_in_epoch": self.micro_batches_in_epoch,
+            "batch_size": self.config.batch_size,
+            "grad_accum": self.config.grad_accum,
+            "world_size": self.strategy.world_size,
+            "scheduler": self.scheduler.state_dict(),
+            "precision": self.precision.state_dict(),
+            "rng": capture_rng_state(),
+        }
+        return TrainingState(
+            model=self.unwrapped_model.state_dict(), optimizer=self.optimizer.state_dict(), trainer=trainer_state
+        )
+
+    def save_checkpoint(self) -> None:
+        if self.checkpointer is None:
+            raise ValueError("Trainer.save_checkpoint() needs a checkpointer")
+        self.checkpointer.save(self.step, self.training_state(), model=self.model, optimizer=self.optimizer)
+        self._last_checkpoint_step = self.step
+
+    def _final_checkpoint(self) -> None:
+        if self.checkpointer is None:
+            return
+        if self._last_checkpoint_step != self.step:
+            self.save_checkpoint()
+        self.checkpointer.wait()
+
+    def _restore(self) -> int | None:
+        """Load the checkpoint `resume` names ("auto": the newest that verifies); returns its step."""
+        if self.checkpointer is None:
+            raise ValueError("resuming needs a checkpointer")
+        path = self.checkpointer.latest_valid() if str(self.resume) == "auto" else Path(self.resume)
+        if path is None:
+            return None
+        load_start = time.perf_counter()
+        state = self.checkpointer.load(path, model=self.model, optimizer=self.optimizer)
+        if state.model is not None:
+            self.unwrapped_model.load_state_dict(state.model)
+        if state.optimizer is not None:
+            self.optimizer.load_state_dict(state.optimizer)
+        t = state.trainer
+        if (t["batch_size"], t["grad_accum"]) != (self.config.batch_size, self.config.grad_accum):
+            raise CheckpointMismatch(
+                f"{path}: saved with batch_size {t['batch_size']} x grad_accum {t['grad_accum']}, now "
+                f"{self.config.batch_size} x {self.config.grad_accum}; the data position would not line up"
+            )
+        self.step, self.epoch, self.samples_seen = t["step"], t["epoch"], t["samples_seen"]
+        self.micro_batches_in_epoch = t["micro_batches_in_epoch"]
+        if t["world_size"] != self.strategy.world_size:
+            self.micro_batches_in_epoch = 0  # another sharding of the data: restart the epoch's order
+        self.scheduler.load_state_dict(t["scheduler"])
+        self.precision.load_state_dict(t["precision"])
+        restore_rng_state(t["rng"])
+        self._last_checkpoint_step = self.step
+        self.resume_load_s = time.perf_counter() - load_start
+        return self.step
 
     def _log_metrics(self, out: dict[str, Any], samples: int, seconds: float, data_wait: float) -> dict:
         metrics = {

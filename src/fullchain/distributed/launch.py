@@ -1,0 +1,52 @@
+"""`ds train --nproc-per-node N`: start the run under torchrun (elastic rendezvous, restarts on failure).
+
+Each worker runs `python -m fullchain.distributed.worker RUN.yaml ...`. A restarted worker resumes from the
+newest valid checkpoint by itself. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 works around a torch 2.13 + gloo trap:
+with torchrun's shared rendezvous store, restarted workers read the dead group's addresses and never connect.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(
+    config: Path,
+    overrides: list[str],
+    resume: str | None,
+    nproc_per_node: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    max_restarts: int = 0,
+) -> list[str]:
+    endpoint = rdzv_endpoint or f"127.0.0.1:{free_port()}"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.5",
+        "-m", "fullchain.distributed.worker", str(config),
+    ]
+    for assignment in overrides:
+        cmd += ["--set", assignment]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd
+
+
+def launch(config: Path, overrides: list[str], resume: str | None, **torchrun_args) -> int:
+    """Run torchrun to completion; returns its exit code (non-zero when the group failed for good)."""
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // torchrun_args.get("nproc_per_node", 1))))}
+    return subprocess.run(torchrun_command(config, overrides, resume, **torchrun_args), env=env).returncode

@@ -1,0 +1,21 @@
+"""Checkpoints: asynchronous, atomic, checksummed saves and resume from the newest one that verifies.
+
+- `Checkpointer` (checkpointer.py): staging, the writer thread, commit, retention, `latest_valid`, `load`;
+- files.py: the directory layout, pickle-free structures (JSON + safetensors), durable writes, verification;
+- sharded.py: world size > 1 through torch.distributed.checkpoint, with a metadata reader that does not
+  run arbitrary pickles;
+- rng.py: `capture_rng_state` / `restore_rng_state` (JSON-able, exact).
+"""
+
+from fullchain.train.checkpoint.checkpointer import Checkpointer
+from fullchain.train.checkpoint.rng import capture_rng_state, restore_rng_state
+from fullchain.train.checkpoint.state import CheckpointError, CheckpointWarning, TrainingState
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointWarning",
+    "Checkpointer",
+    "TrainingState",
+    "capture_rng_state",
+    "restore_rng_state",
+]

@@ -1,0 +1,166 @@
+"""Resume is bit-exact: stopped mid-epoch (with accumulation and dropout) and resumed equals uninterrupted.
+
+Real data (scikit-learn digits), real signals, real processes: a SIGTERM'd `ds train`, and a 2-rank torchrun
+group with one worker SIGKILLed that finishes by itself.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fullchain.config import DataConfig
+from fullchain.data import build_data
+from fullchain.models import build_model, model_args_from_data
+from fullchain.train.callbacks import Callback
+from fullchain.train.checkpoint import Checkpointer
+from fullchain.train.trainer import CheckpointMismatch, Trainer
+
+CONFIG = {"max_steps": 40, "batch_size": 16, "grad_accum": 3, "clip_norm": 1.0, "progress": False,
+          "tensorboard": False, "schedule": {"warmup_steps": 5}}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_data(DataConfig(name="digits", val_fraction=0.0, test_fraction=0.2), seed=0)
+
+
+def fresh_trainer(bundle, run_dir, config=CONFIG, **kw):
+    torch.manual_seed(0)
+    args = model_args_from_data("mlp", bundle.input_spec, {"hidden": [64, 32], "dropout": 0.2})
+    model = build_model(name="mlp", args=args)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=2)
+    return Trainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), bundle.train, config=config,
+                   run_dir=run_dir, seed=0, checkpointer=ckpt, checkpoint_every=10, **kw), model
+
+
+class SignalAt(Callback):
+    """Sends this process a real SIGTERM at a given step, as a scheduler would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_mid_epoch_then_resume_is_bit_exact(digits, tmp_path):
+    reference, ref_model = fresh_trainer(digits, tmp_path / "a")
+    reference.fit()
+    reference.checkpointer.close()
+
+    # 1257 train samples / 16 = 79 micro-batches = 27 steps an epoch: step 13 is mid-epoch, 40 crosses epochs.
+    stopped, _ = fresh_trainer(digits, tmp_path / "b", callbacks=[SignalAt(13)])
+    result = stopped.fit()
+    stopped.checkpointer.close()
+    assert result.stopped_by == "SIGTERM" and result.steps == 13
+    assert (tmp_path / "b" / "checkpoints" / "step-000013" / "meta.json").is_file()
+
+    resumed, model = fresh_trainer(digits, tmp_path / "b", resume="auto")
+    result = resumed.fit()
+    assert result.resumed_from_step == 13 and result.steps == 40
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    events = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "resume", "steps_lost": 0, "restart_count": 0}.items() <= next(
+        e for e in events if e.get("event") == "resume").items()
+
+
+def test_resume_refuses_a_different_batch_layout(digits, tmp_path):
+    first, _ = fresh_trainer(digits, tmp_path, config={**CONFIG, "max_steps": 10})
+    first.fit()
+    first.checkpointer.close()
+    second, _ = fresh_trainer(digits, tmp_path, config={**CONFIG, "grad_accum": 2}, resume="auto")
+    with pytest.raises(CheckpointMismatch, match="grad_accum 3"):
+        second.fit()
+
+
+def run_file(tmp_path: Path, **train) -> Path:
+    raw = {"name": "r", "runs_dir": str(tmp_path / "runs"), "seed": 0,
+           "model": {"name": "mlp", "args": {"hidden": [256, 256], "dropout": 0.0}},
+           "data": {"name": "digits", "val_fraction": 0.0},
+           "train": {"batch_size": 16, "progress": False, "tensorboard": False, "log_every": 5, **train},
+           "checkpoint": {"every_steps": 200, "keep_last": 3}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "training ended before the fault was injected"
+        if metrics.is_file():
+            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def test_sigterm_to_ds_train_saves_exits_143_and_resumes(tmp_path):
+    ds = [sys.executable, "-m", "fullchain.cli", "train"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    subprocess.run([*ds, run_file(a, max_steps=1200)], check=True, capture_output=True, timeout=300)
+
+    proc = subprocess.Popen([*ds, run_file(b, max_steps=1200)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_step(b / "runs" / "r" / "metrics.jsonl", 60, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume auto" in err and "Traceback" not in err
+
+    resumed = subprocess.run([*ds, run_file(b, max_steps=1200), "--resume", "auto"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    ref, got = final_weights(a / "runs" / "r"), final_weights(b / "runs" / "r")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def worker_pids(ds_pid: int) -> list[int]:
+    """`ds train` -> torchrun -> the workers."""
+    return [w for launcher in children(ds_pid) for w in children(launcher)]
+
+
+@pytest.mark.slow
+def test_torchrun_worker_sigkill_restarts_and_matches_uninterrupted(tmp_path):
+    ds = [sys.executable, "-m", "fullchain.cli", "train"]
+    launch = ["--nproc-per-node", "2", "--max-restarts", "3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    ref = subprocess.run([*ds, run_file(a, max_steps=3000), *launch], capture_output=True, text=True, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run_b = run_file(b, max_steps=3000)
+    proc = subprocess.Popen([*ds, run_b, *launch], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(b / "runs" / "r" / "metrics.jsonl", 260, proc)  # past the first checkpoint (step 200)
+    pids = worker_pids(proc.pid)
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    events = [json.loads(x) for x in (b / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    resumes = [e for e in events if e.get("event") == "resume"]
+    assert resumes and resumes[0]["restart_count"] >= 1 and resumes[0]["step"] >= 200
+    ref_w, got_w = final_weights(a / "runs" / "r"), final_weights(b / "runs" / "r")
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
