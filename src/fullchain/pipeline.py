@@ -132,8 +132,10 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | Non
     finally:
         if checkpointer is not None:
             checkpointer.close()
-    if result.resumed_from_step is not None and strategy.is_main:
-        console.print(f"resumed from the checkpoint of step {result.resumed_from_step}")
+    if resume and strategy.is_main:
+        console.print(f"resumed from the checkpoint of step {result.resumed_from_step}"
+                      if result.resumed_from_step is not None
+                      else f"no valid checkpoint in {run_dir / 'checkpoints'}: trained from step 0")
     if result.stopped_by is not None:
         strategy.close()
         raise TrainingStopped(

@@ -160,6 +160,7 @@ def resume_is_bit_exact(root: Path) -> bool:
 
 def torchrun_recovery(root: Path) -> dict[str, float]:
     """Kill one of two torchrun workers mid-run; time the way back from the run's own metrics."""
+    root.mkdir(parents=True, exist_ok=True)
     run_yaml = root / "recovery.yaml"
     run_yaml.write_text(yaml.safe_dump({
         "name": "recovery", "runs_dir": str(root / "runs"), "seed": 0,
