@@ -129,7 +129,11 @@ def print_record(record: BenchRecord, console: Console) -> None:
     keys = [k for k in next(iter(record.results.values()), {}) if not k.endswith(("_min", "_max"))]
     for key in keys:
         table.add_column(key, justify="right")
+    other_rows = {}
     for name, res in record.results.items():
+        if not any(key in res for key in keys):  # a measurement of another shape: listed below the table
+            other_rows[name] = res
+            continue
         cells = []
         for key in keys:
             value = res.get(key)
@@ -141,6 +145,9 @@ def print_record(record: BenchRecord, console: Console) -> None:
             cells.append(cell)
         table.add_row(name, *cells)
     console.print(table)
+    for name, res in other_rows.items():
+        console.print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in res.items()))
     for name, value in record.ratios.items():
         console.print(f"ratio  {name} = {value:.4f}")
     for name, ok in record.checks.items():
