@@ -290,6 +290,11 @@ class Checkpointer:
             "step": job.step,
             "epoch": job.trainer.get("epoch"),
             "samples_seen": job.trainer.get("samples_seen"),
+            # where the data stands: micro-batches of this epoch already consumed (the full resume state,
+            # RNG, scheduler and loss scaler included, is trainer.json, whose checksum is listed below)
+            "data_position": {"epoch": job.trainer.get("epoch"),
+                              "micro_batches_in_epoch": job.trainer.get("micro_batches_in_epoch"),
+                              "batch_size": job.trainer.get("batch_size")},
             "world_size": self.world_size,
             "config_hash": self.config_hash,
             "versions": library_versions(),
