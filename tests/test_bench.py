@@ -39,7 +39,7 @@ def test_amp_quick(tmp_path):
 
 def test_unknown_benchmark_is_a_user_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fullchain.cli", "bench", "nope"], capture_output=True, text=True)
-    assert result.returncode == 2 and "known: trainer-overhead, amp, checkpoint" in result.stderr
+    assert result.returncode == 2 and "known: trainer-overhead, amp, checkpoint, comm" in result.stderr
 
 
 def test_checkpoint_quick(tmp_path):
@@ -48,3 +48,10 @@ def test_checkpoint_quick(tmp_path):
     # acceptance asks <= 0.2 on a quiet machine (measured 0.08); the bound here leaves room for a busy CI host
     assert record["ratios"]["async_block_vs_sync"] <= 0.5
     assert record["results"]["fullchain_async"]["persist_s"] > record["results"]["fullchain_async"]["blocking_s"]
+
+
+@pytest.mark.slow
+def test_comm_quick(tmp_path):
+    record = bench("comm", tmp_path)
+    assert record["ratios"]["int8_bytes_vs_fp32"] <= 0.27
+    assert record["ratios"]["int8_accuracy_vs_fp32"] >= 0.98

@@ -123,11 +123,21 @@ class CheckpointConfig(Section):
     async_save: bool = Field(True, alias="async", description="persist in the background after staging to CPU")
 
 
+class TopologyConfig(Section):
+    procs_per_node: int | None = Field(None, ge=1, description="ranks per node; default: torchrun's local world size")
+
+
 class DistributedConfig(Section):
     """Data-parallel settings; the number of processes comes from the launch (`ds train --nproc-per-node`)."""
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = Field(60.0, gt=0, description="collective timeout: how fast a dead peer is noticed")
+    compression: Literal["none", "fp16", "bf16", "powersgd", "int8"] = "none"
+    chunk_size: int = Field(256, ge=16, description="int8: elements sharing one scale")
+    compression_start_step: int = Field(10, ge=0, description="uncompressed steps before compression starts")
+    hierarchical: bool = Field(False, description="reduce inside each node first, then across nodes")
+    bucket_cap_mb: float = Field(25.0, gt=0)
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
 
 
 class RunConfig(Section):

@@ -94,7 +94,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | Non
 
     `resume` is "auto" (the newest valid checkpoint, or a fresh start when there is none) or a path.
     """
-    strategy = DDPStrategy(cfg.distributed.backend, cfg.distributed.timeout_s) if launched_by_torchrun() else None
+    strategy = DDPStrategy(cfg.distributed) if launched_by_torchrun() else None
     strategy = strategy or LocalStrategy(resolve_device(cfg.train.device))
     run_dir = cfg.run_dir
     if strategy.is_main:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fullchain.bench import amp, checkpoint, trainer_overhead
+from fullchain.bench import amp, checkpoint, comm, trainer_overhead
 from fullchain.bench.harness import BenchRecord, print_record, write_record
 from fullchain.errors import UserError
 
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "trainer-overhead": trainer_overhead,
     "amp": amp,
     "checkpoint": checkpoint,
+    "comm": comm,
 }
 
 

@@ -42,6 +42,17 @@ class LocalStrategy:
     def barrier(self) -> None:
         """Wait for every rank; nothing to wait for in one process."""
 
+    def state_dict(self) -> dict:
+        """Strategy state a checkpoint must carry (a communication hook's residuals); none here."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+    def metrics(self) -> dict[str, float]:
+        """Communication counters for metrics.jsonl; none in one process."""
+        return {}
+
     def close(self) -> None:
         """Release the process group, if any."""
 

@@ -273,6 +273,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "precision": self.precision.state_dict(),
             "rng": capture_rng_state(),
+            "strategy": self.strategy.state_dict(),
         }
         return TrainingState(
             model=self.unwrapped_model.state_dict(), optimizer=self.optimizer.state_dict(), trainer=trainer_state
@@ -317,6 +318,8 @@ class Trainer:
         self.scheduler.load_state_dict(t["scheduler"])
         self.precision.load_state_dict(t["precision"])
         restore_rng_state(t["rng"])
+        if t["world_size"] == self.strategy.world_size:
+            self.strategy.load_state_dict(t.get("strategy", {}))
         self._last_checkpoint_step = self.step
         self.resume_load_s = time.perf_counter() - load_start
         return self.step
@@ -332,6 +335,7 @@ class Trainer:
             M.AMP_SKIPPED_STEPS_TOTAL: self.precision.skipped_steps,
             "epoch": self.epoch,
         }
+        metrics.update(self.strategy.metrics())
         if out.get("grad_norm") is not None:
             metrics[M.GRAD_NORM] = float(out["grad_norm"])
         if hasattr(self.precision, "loss_scale"):
