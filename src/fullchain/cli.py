@@ -69,6 +69,7 @@ def train(
     node_rank: Annotated[int, typer.Option(min=0, help="this machine's index")] = 0,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous (several machines)")] = None,
     max_restarts: Annotated[int, typer.Option(min=0, help="restarts of the group after a failed worker")] = 0,
+    local_addr: Annotated[str | None, typer.Option(help="this machine's address as the others reach it")] = None,
 ) -> None:
     """Train the model a run file describes; writes runs/<name>/ with metrics, checkpoints and the model."""
     cfg = _load(config, overrides)  # validate before launching anything
@@ -76,7 +77,8 @@ def train(
         from fullchain.distributed.launch import launch
 
         code = launch(config, overrides or [], resume, nproc_per_node=nproc_per_node, nnodes=nnodes,
-                      node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+                      node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts,
+                      local_addr=local_addr)
         if code != 0:
             raise typer.Exit(code)
         out.print(f"distributed training finished; model written to {cfg.run_dir / 'model'}")

@@ -29,6 +29,7 @@ def torchrun_command(
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
+    local_addr: str | None = None,
 ) -> list[str]:
     endpoint = rdzv_endpoint or f"127.0.0.1:{free_port()}"
     cmd = [
@@ -36,6 +37,10 @@ def torchrun_command(
         f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--max-restarts={max_restarts}",
         "--monitor-interval=0.5",
+        *([f"--local-addr={local_addr}"] if local_addr else []),
+        # torchrun recognises the rendezvous host by its hostname; an address of a network namespace
+        # (the emulated cluster) it does not, so the node that owns the endpoint says so itself.
+        *(["--rdzv-conf=is_host=1"] if local_addr and endpoint.rpartition(":")[0] == local_addr else []),
         "-m", "fullchain.distributed.worker", str(config),
     ]
     for assignment in overrides:
