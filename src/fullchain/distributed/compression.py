@@ -178,6 +178,9 @@ class Int8HookState(HookState):
         if compression_start_step < 0:
             raise UserError(f"distributed.compression_start_step must be >= 0, got {compression_start_step}")
         self.chunk_size = int(chunk_size)
+        # id(parameter) -> its position in model.parameters(), set by register_compression; empty when the hook
+        # runs without a model (then buckets are quantised in DDP's own layout)
+        self.param_index: dict[int, int] = {}
         self.compression_start_step = int(compression_start_step)
         self.error_feedback = bool(error_feedback)
         self.worker_residuals: dict[str, torch.Tensor] = {}
@@ -355,13 +358,46 @@ def int8_hook(state: Int8HookState, bucket: dist.GradBucket) -> torch.futures.Fu
         sent = _fp32_allreduce_mean_(buffer, group)
         state.stats.uncompressed_bytes += sent
     else:
-        sent, _ = _int8_allreduce(buffer, state, bucket_key(bucket), group, average=True)
+        canonical, key, write_back = _canonical_bucket(bucket, state.param_index)
+        sent, _ = _int8_allreduce(canonical, state, key, group, average=True)
+        write_back(canonical)
     state.stats.bytes_sent += sent
     state.stats.calls += 1
     state.stats.comm_time_s += time.perf_counter() - start
     if bucket.is_last():
         state._end_iteration()
     return _completed(buffer)
+
+
+def _canonical_bucket(bucket: dist.GradBucket, param_index: dict[int, int]):
+    """The bucket's gradients in model-parameter order, its key, and a function that writes a result back.
+
+    DDP lays a bucket out in reverse parameter order for the first iteration and in gradient-ready order
+    after it rebuilds its buckets; a resumed process starts from the first layout again. Quantising in one
+    canonical order makes the int8 groups, the chunk owners and the residual keys the same in both layouts,
+    so a restarted run continues exactly where the saved residuals left off (when the bucket holds the same
+    parameters in both layouts, as it does with one bucket).
+    """
+    buffer = bucket.buffer()
+    params = bucket.parameters()
+    if not param_index:
+        return buffer, bucket_key(bucket), lambda _: None
+    order = sorted(range(len(params)), key=lambda j: param_index.get(id(params[j]), -1))
+    indices = [param_index.get(id(params[j]), -1) for j in order]
+    key = f"params-{zlib.crc32(repr(indices).encode()):08x}-n{buffer.numel()}"
+    if order == list(range(len(params))):
+        return buffer, key, lambda _: None
+    grads = bucket.gradients()
+    canonical = torch.cat([grads[j].reshape(-1) for j in order])
+
+    def write_back(result: torch.Tensor) -> None:
+        offset = 0
+        for j in order:
+            n = grads[j].numel()
+            grads[j].view(-1).copy_(result[offset:offset + n])
+            offset += n
+
+    return canonical, key, write_back
 
 
 def bf16_allreduce_(tensor: torch.Tensor, group=None) -> int:
@@ -537,6 +573,7 @@ def register_compression(
         hook = hierarchical_hook
     elif name == "int8":
         state = Int8HookState(process_group, chunk_size, compression_start_step, error_feedback)
+        state.param_index = {id(p): i for i, p in enumerate(ddp_model.module.parameters())}
         hook = int8_hook
     elif name == "bf16":
         state, hook = Bf16HookState(process_group), bf16_hook
