@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fullchain import metric_names as M
 from fullchain.config import DistributedConfig
-from fullchain.distributed.compression import register_compression
+from fullchain.distributed.compression import register_compression, ring_allreduce_bytes
 from fullchain.distributed.strategy import LocalStrategy
 
 
@@ -51,20 +51,26 @@ class DDPStrategy(LocalStrategy):
         self.local_rank = local_rank
         self.cfg = cfg
         self.comm_state = None
+        self.fp32_bytes_per_step = 0
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.cfg.bucket_cap_mb)
-        # "none" registers a counting fp32 all-reduce too, so every run logs its communication.
-        self.comm_state = register_compression(
-            ddp,
-            self.cfg.compression,
-            chunk_size=self.cfg.chunk_size,
-            compression_start_step=self.cfg.compression_start_step,
-            procs_per_node=self.cfg.topology.procs_per_node,
-            hierarchical=self.cfg.hierarchical,
-        )
+        self.fp32_bytes_per_step = ring_allreduce_bytes(
+            sum(p.numel() for p in model.parameters() if p.requires_grad), 4, self.world_size)
+        if self.cfg.compression != "none" or self.cfg.hierarchical:
+            self.comm_state = register_compression(
+                ddp,
+                self.cfg.compression,
+                chunk_size=self.cfg.chunk_size,
+                compression_start_step=self.cfg.compression_start_step,
+                procs_per_node=self.cfg.topology.procs_per_node,
+                hierarchical=self.cfg.hierarchical,
+            )
+        # "none" keeps DDP's native C++ all-reduce (overlapped with backward); its bytes are the ring volume.
+        # A Python hook here (one whose future carries a Python callback) can also deadlock at exit: freeing
+        # the reducer joins gloo's thread under the GIL while that thread waits for the GIL to drop the callback.
         return ddp
 
     def state_dict(self) -> dict:
@@ -74,9 +80,9 @@ class DDPStrategy(LocalStrategy):
         if self.comm_state is not None and "comm_hook" in state:
             self.comm_state.load_state_dict(state["comm_hook"])
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, steps: int) -> dict[str, float]:
         if self.comm_state is None:
-            return {}
+            return {M.COMM_BYTES_TOTAL: steps * self.fp32_bytes_per_step}
         stats = self.comm_state.stats
         return {M.COMM_BYTES_TOTAL: stats.bytes_sent, M.COMM_SECONDS_TOTAL: stats.comm_time_s,
                 M.COMM_INTER_NODE_BYTES_TOTAL: stats.inter_node_bytes}
@@ -85,5 +91,11 @@ class DDPStrategy(LocalStrategy):
         dist.barrier()
 
     def close(self) -> None:
+        """Finish every collective in flight, then release the group.
+
+        The barrier makes every rank reach the end before any tears its group down, so no peer sees a
+        connection reset in its last collective.
+        """
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()

@@ -49,7 +49,7 @@ class LocalStrategy:
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, steps: int) -> dict[str, float]:
         """Communication counters for metrics.jsonl; none in one process."""
         return {}
 

@@ -335,7 +335,7 @@ class Trainer:
             M.AMP_SKIPPED_STEPS_TOTAL: self.precision.skipped_steps,
             "epoch": self.epoch,
         }
-        metrics.update(self.strategy.metrics())
+        metrics.update(self.strategy.metrics(self.step))
         if out.get("grad_norm") is not None:
             metrics[M.GRAD_NORM] = float(out["grad_norm"])
         if hasattr(self.precision, "loss_scale"):
