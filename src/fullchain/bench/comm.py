@@ -96,10 +96,10 @@ def _run_emulated(root: Path, name: str, steps: int, distributed: dict, model_ar
 def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     contenders = {"fp32": {"compression": "none"}, "int8": {"compression": "int8"}}
     if not quick:
-        # fp16 and PowerSGD are PyTorch's hooks, whose futures carry Python callbacks; across the emulated
-        # nodes such a hook can deadlock a worker at exit (see DDPStrategy.wrap), so they are left out here.
         contenders.update({
+            "fp16": {"compression": "fp16"},
             "bf16": {"compression": "bf16"},
+            "powersgd": {"compression": "powersgd"},
             "int8_hierarchical": {"compression": "int8", "hierarchical": True, "topology": {"procs_per_node": 2}},
         })
     unavailable = None if quick else cluster.available()

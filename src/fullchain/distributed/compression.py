@@ -449,6 +449,12 @@ def _counting_allreduce_hook(state: AllreduceHookState, bucket: dist.GradBucket)
     state.stats.calls += 1
     if bucket.is_last():
         state._end_iteration()
+    if dist.get_backend(state.process_group) != "nccl":
+        # On gloo, wait here and hand DDP a completed future: a future still carrying Python callbacks
+        # when the process exits can deadlock the reducer's destructor against gloo's thread.
+        result = fut.wait()
+        state.stats.comm_time_s += time.perf_counter() - start
+        return _completed(result[0] if isinstance(result, list) else result)
 
     def _timed(f):
         state.stats.comm_time_s += time.perf_counter() - start
