@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fullchain import __version__
-from fullchain.errors import TrainingStopped, UserError
+from fullchain.errors import TrainingStopped, UserError, report
 
 app = typer.Typer(
     name="ds",
@@ -167,10 +167,10 @@ def main() -> None:
     try:
         app(prog_name="ds")
     except UserError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        report(exc)
         sys.exit(exc.exit_code)
     except TrainingStopped as exc:
-        Console(stderr=True).print(f"[bold yellow]{exc}[/]", highlight=False, soft_wrap=True)
+        report(exc, style="bold yellow", prefix="")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

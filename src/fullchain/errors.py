@@ -4,6 +4,8 @@ The CLI turns a `UserError` into one line on stderr and exit code 2, never a tra
 Everything else is a bug in fullchain and keeps its traceback.
 """
 
+import sys
+
 
 class UserError(Exception):
     """A mistake in the user's input (config, file, flag) with a message that says how to fix it."""
@@ -21,3 +23,10 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def report(exc: BaseException, style: str = "bold red", prefix: str = "error: ") -> None:
+    """One line on stderr for a user-facing error: the same look from the CLI and from torchrun workers."""
+    from rich.console import Console
+
+    Console(stderr=True, file=sys.stderr).print(f"[{style}]{prefix}[/]{exc}", highlight=False, soft_wrap=True)

@@ -10,9 +10,7 @@ import argparse
 import os
 import sys
 
-from rich.console import Console
-
-from fullchain.errors import UserError
+from fullchain.errors import UserError, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         train_stage(cfg, resume="auto" if restarted else args.resume)
     except UserError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        report(exc)
         return exc.exit_code
     return 0
 
