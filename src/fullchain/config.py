@@ -140,6 +140,53 @@ class DistributedConfig(Section):
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
 
 
+class OptimizeConfig(Section):
+    """The optimise stage (`ds optimize`): graph passes, optional quantisation, inference precision, compile."""
+
+    enabled: bool = False
+    passes: list[str] = Field(default_factory=lambda: ["all"], description="pass names, or 'all'")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    quantize: Literal["none", "ptq", "qat", "dynamic"] = "none"
+    backend: Literal["inductor", "onnxruntime"] = "inductor"
+    calib_samples: int = Field(512, ge=1, description="PTQ: training samples fed through the observers")
+    qat_steps: int = Field(300, ge=1, description="QAT: fine-tuning steps with fake quantisation")
+    qat_lr: float = Field(1e-4, gt=0)
+    max_accuracy_drop: float = Field(1.0, ge=0, description="points of test accuracy a quantised model may lose")
+
+
+class ExportConfig(Section):
+    """The export stage (`ds export`): ONNX (with a parity check in ONNX Runtime) or TensorRT."""
+
+    enabled: bool = False
+    format: Literal["onnx", "tensorrt"] = "onnx"
+    dynamic_batch: bool = True
+    opset: int | None = Field(None, ge=13)
+
+
+class ServeConfig(Section):
+    """`ds serve` settings, and the short serve-and-load stage of `ds run`."""
+
+    enabled: bool = False
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    queue_size: int = Field(1024, ge=1, description="requests waiting beyond this get 503 with Retry-After")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    load_seconds: float = Field(5.0, gt=0, description="ds run: how long the serve-and-load stage drives load")
+    load_concurrency: int = Field(16, ge=1)
+
+
+class MonitorConfig(Section):
+    """Live metrics of a training run: the Trainer serves Prometheus /metrics and /dashboard on this port."""
+
+    port: int | None = Field(None, ge=0, le=65535, description="unset: no endpoint")
+    host: str = "127.0.0.1"
+
+
 class RunConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -149,6 +196,10 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @property
     def run_dir(self) -> Path:

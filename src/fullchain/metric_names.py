@@ -20,3 +20,12 @@ WALL_SECONDS = "wall_seconds"
 COMM_BYTES_TOTAL = "comm_bytes_total"
 COMM_SECONDS_TOTAL = "comm_seconds_total"
 COMM_INTER_NODE_BYTES_TOTAL = "comm_inter_node_bytes_total"
+
+# Serving (`ds serve`): histograms in seconds, counters by HTTP status.
+SERVE_REQUEST_SECONDS = "serve_request_duration_seconds"  # histogram: arrival to response
+SERVE_QUEUE_WAIT_SECONDS = "serve_queue_wait_seconds"  # histogram: arrival to batch start
+SERVE_INFERENCE_SECONDS = "serve_inference_seconds"  # histogram: one batch's forward pass
+SERVE_BATCH_SIZE = "serve_batch_size"  # histogram: requests per batch
+SERVE_REQUESTS_TOTAL = "serve_requests_total"  # counter, label "status"
+SERVE_IN_FLIGHT = "serve_in_flight_requests"  # gauge: accepted and not yet answered
+SERVE_QUEUE_DEPTH = "serve_queue_depth"  # gauge: waiting for a batch
