@@ -29,3 +29,6 @@ SERVE_BATCH_SIZE = "serve_batch_size"  # histogram: requests per batch
 SERVE_REQUESTS_TOTAL = "serve_requests_total"  # counter, label "status"
 SERVE_IN_FLIGHT = "serve_in_flight_requests"  # gauge: accepted and not yet answered
 SERVE_QUEUE_DEPTH = "serve_queue_depth"  # gauge: waiting for a batch
+
+# Training endpoint only (the monitor's exporter): how long save() held the training loop.
+CHECKPOINT_BLOCKED_SECONDS = "train_checkpoint_blocked_seconds"  # histogram: one observation per save

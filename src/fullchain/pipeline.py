@@ -89,6 +89,22 @@ def make_checkpointer(cfg: RunConfig, strategy: LocalStrategy) -> Checkpointer |
     )
 
 
+def metrics_endpoint(cfg: RunConfig):
+    """The live /metrics + /dashboard endpoint when monitor.port is set (a Trainer callback), else None."""
+    if cfg.monitor.port is None:
+        return None
+    from fullchain.monitor.exporter import TrainingExporter
+
+    try:
+        exporter = TrainingExporter(cfg.monitor.host, cfg.monitor.port)
+    except OSError as exc:
+        from fullchain.errors import UserError
+
+        raise UserError(f"monitor.port: {exc}") from None
+    console.print(f"live metrics: {exporter.url}/metrics, dashboard: {exporter.url}/dashboard")
+    return exporter
+
+
 def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | None:
     """Train as the run file says; returns the outcome on rank 0 (None on other ranks).
 
@@ -112,6 +128,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | Non
             f"{len(bundle.test)} test, precision {cfg.train.precision}, {strategy.world_size} process(es)"
         )
     checkpointer = make_checkpointer(cfg, strategy)
+    exporter = metrics_endpoint(cfg) if strategy.is_main else None
     trainer = Trainer(
         model,
         build_optimizer(model, cfg.train.optimizer),
@@ -126,12 +143,15 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | Non
         checkpointer=checkpointer,
         checkpoint_every=cfg.checkpoint.every_steps if checkpointer else None,
         resume=resume,
+        callbacks=[exporter] if exporter is not None else [],
     )
     try:
         result = trainer.fit()
     finally:
         if checkpointer is not None:
             checkpointer.close()
+        if exporter is not None:
+            exporter.close()
     if resume and strategy.is_main:
         console.print(f"resumed from the checkpoint of step {result.resumed_from_step}"
                       if result.resumed_from_step is not None
