@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect run files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+logs_app = typer.Typer(help="Read a run's logs.", no_args_is_help=True)
+app.add_typer(logs_app, name="logs")
 
 out = Console()
 
@@ -161,6 +163,54 @@ def config_show(config: ConfigPath, overrides: Overrides = None) -> None:
     from fullchain.config import dump_config
 
     out.print(dump_config(_load(config, overrides)), end="", highlight=False)
+
+
+@app.command()
+def profile(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    steps: Annotated[int, typer.Option(min=1, help="training steps to profile (after 5 warm-up steps)")] = 20,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="default: runs/<name>/profile")] = None,
+) -> None:
+    """Profile a few training steps: data/forward/backward/optimiser/comm split, top operators, Chrome trace."""
+    from fullchain.monitor.cli import print_findings
+    from fullchain.monitor.profile import profile_run
+    from fullchain.monitor.report import write_report
+
+    cfg = _load(config, overrides)
+    out_dir = out_dir or cfg.run_dir / "profile"
+    result, report = profile_run(cfg, steps, out_dir)
+    table = Table(title=f"{steps} steps, {1000 * result.step_seconds / steps:.1f} ms per step")
+    for column in ("phase", "ms per step", "share"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase, share in result.shares().items():
+        table.add_row(phase, f"{1000 * result.seconds[phase] / steps:.2f}", f"{share:.1%}")
+    out.print(table)
+    for op in result.top_ops[:5]:
+        out.print(f"  {op['op']:40s} {op['self_ms']:9.2f} ms self, {op['calls']} calls", highlight=False)
+    print_findings(out, report.findings)
+    html_path, _ = write_report(report, out_dir / "report.html")
+    out.print(f"trace: {result.trace}; report: {html_path}")
+
+
+@logs_app.command("analyze")
+def logs_analyze(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (runs/<name>)")],
+    report: Annotated[Path | None, typer.Option(help="also write an HTML report (JSON next to it)")] = None,
+) -> None:
+    """Find loss spikes, NaN, throughput drops, restarts and slow checkpoints in a run's metrics.jsonl."""
+    from fullchain.monitor.cli import print_findings
+    from fullchain.monitor.logs import analyze_run
+    from fullchain.monitor.report import write_report
+
+    result = analyze_run(run_dir)
+    for table in result.tables:
+        for name, value in table.rows:
+            out.print(f"{name:32s} {value:.4g}" if isinstance(value, float) else f"{name:32s} {value}")
+    print_findings(out, result.findings)
+    if report is not None:
+        html_path, json_path = write_report(result, report)
+        out.print(f"report written to {html_path} and {json_path}")
 
 
 def main() -> None:

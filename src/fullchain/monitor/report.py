@@ -27,6 +27,7 @@ class Plot:
     label: str
     unit: str
     points: list[tuple[float, float]]
+    xlabel: str = "seconds"
 
 
 @dataclass
@@ -96,7 +97,7 @@ def plot_series(plot: Plot) -> str:
     ts, vs = zip(*plot.points, strict=True)
     ax.plot(ts, vs, marker=".", linewidth=1.5)
     ax.set_title(plot.label + (f" ({plot.unit})" if plot.unit else ""))
-    ax.set_xlabel("seconds")
+    ax.set_xlabel(plot.xlabel)
     ax.grid(alpha=0.3)
     return _png(fig)
 

@@ -103,7 +103,7 @@ def queue_bound(facts: dict[str, Any]) -> Finding | None:
             "serve_queue", "Requests wait in the queue, and batches hold one request", qs, evidence,
             f"batch concurrent requests: set serve.max_batch_size to {size} (ds serve --max-batch-size {size}); "
             "queued requests then share one forward pass",
-            settings={"serve.max_batch_size": size}, command=f"ds serve RUN.yaml --max-batch-size {size}")
+            settings={"serve.max_batch_size": size}, command=f"ds serve MODEL_DIR --max-batch-size {size}")
     evidence.append(Evidence("serve_batch_size mean", batch, threshold("batch_one_mean"), ">"))
     return Finding(
         "serve_queue", "Requests wait in the queue behind full batches: the model is saturated", qs, evidence,
@@ -125,7 +125,7 @@ def unbatched(facts: dict[str, Any]) -> Finding | None:
          Evidence("serve_in_flight_requests peak", peak, threshold("busy_in_flight"), ">=")],
         f"set serve.max_batch_size to {size} and give batches time to fill (serve.max_wait_ms: 5)",
         settings={"serve.max_batch_size": size, "serve.max_wait_ms": 5},
-        command=f"ds serve RUN.yaml --max-batch-size {size}")
+        command=f"ds serve MODEL_DIR --max-batch-size {size}")
 
 
 def inference_bound(facts: dict[str, Any]) -> Finding | None:

@@ -39,6 +39,12 @@ def total(snap: Snapshot | None, name: str) -> float:
     return sum(samples.values()) if samples else math.nan
 
 
+def counted(snap: Snapshot | None, name: str) -> float:
+    """Like `total`, but a series not (yet) exposed counts as 0: the start value of a counter."""
+    value = total(snap, name)
+    return 0.0 if math.isnan(value) else value
+
+
 @dataclass
 class HistogramDelta:
     buckets: Buckets
@@ -70,9 +76,8 @@ def histogram_delta(before: Snapshot | None, after: Snapshot, name: str) -> Hist
     old = dict(buckets(before, name))
     new = buckets(after, name)
     delta = [(bound, count - old.get(bound, 0.0)) for bound, count in new]
-    count = total(after, name + "_count") - (total(before, name + "_count") if before else 0.0)
-    s = total(after, name + "_sum") - (total(before, name + "_sum") if before else 0.0)
-    return HistogramDelta(delta, count if not math.isnan(count) else 0.0, s)
+    count = counted(after, name + "_count") - counted(before, name + "_count")
+    return HistogramDelta(delta, count, counted(after, name + "_sum") - counted(before, name + "_sum"))
 
 
 def rate(before: Snapshot, after: Snapshot, name: str) -> float:
@@ -95,8 +100,10 @@ def error_share(before: Snapshot | None, after: Snapshot) -> float:
 def share(before: Snapshot | None, after: Snapshot, part: str, whole_histogram: str) -> float:
     """Δpart / Δ(sum of the histogram), e.g. data-wait seconds per second of training step."""
     whole = histogram_delta(before, after, whole_histogram).sum
+    if not (after.with_prefix(part) or after.with_prefix(part + "_sum")):
+        return math.nan
     part_value = histogram_delta(before, after, part).sum if after.with_prefix(part + "_sum") else \
-        total(after, part) - (total(before, part) if before else 0.0)
+        counted(after, part) - counted(before, part)
     return part_value / whole if whole > 0 else math.nan
 
 
@@ -208,8 +215,7 @@ def observation_facts(snapshots: list[Snapshot]) -> dict[str, Any]:
         "data_share": share(first, last, M.DATA_WAIT_SECONDS, M.TRAIN_STEP_SECONDS),
         "comm_share": share(first, last, M.COMM_SECONDS_TOTAL, M.TRAIN_STEP_SECONDS),
         "checkpoint_share": share(first, last, M.CHECKPOINT_BLOCKED_SECONDS, M.TRAIN_STEP_SECONDS),
-        "skipped_steps": total(last, M.AMP_SKIPPED_STEPS_TOTAL) - (total(first, M.AMP_SKIPPED_STEPS_TOTAL)
-                                                                    if first else 0.0),
+        "skipped_steps": counted(last, M.AMP_SKIPPED_STEPS_TOTAL) - counted(first, M.AMP_SKIPPED_STEPS_TOTAL),
         "loss": [total(s, M.TRAIN_LOSS) for s in snapshots if s.with_prefix(M.TRAIN_LOSS)],
         "samples_per_s": _finite([total(s, M.TRAIN_SAMPLES_PER_SECOND) for s in snapshots
                                   if s.with_prefix(M.TRAIN_SAMPLES_PER_SECOND)]),
