@@ -176,3 +176,32 @@ def test_ds_train_with_monitor_port_serves_metrics_and_the_dashboard(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_queue_bound_ds_serve_top_finding_is_the_queue_with_a_batching_suggestion(tmp_path):
+    """Acceptance: a live `ds serve` with max_batch_size 1 under 32 concurrent clients; ds-monitor for 5 s."""
+    process = pytest.importorskip("fullchain.deploy.process", reason="ds serve (fullchain.deploy) is not installed")
+    payloads = pytest.importorskip("fullchain.deploy.payloads")
+    assert run([*DS, "train", write_run(tmp_path)]).returncode == 0
+    model_dir = tmp_path / "runs" / "t" / "model"
+    bodies = tmp_path / "payloads.json"
+    bodies.write_text(json.dumps(payloads.sample_requests(model_dir, 64)))
+    report = tmp_path / "r.html"
+    with process.ServerProcess(["serve", str(model_dir), "--max-batch-size", "1"]) as server:
+        load = subprocess.Popen([sys.executable, "-m", "fullchain.deploy.loadgen", server.url + "/v1/predict",
+                                 str(bodies), "--concurrency", "32", "--seconds", "8", "--warmup", "0.5"],
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        result = run([*MONITOR, f"--endpoint=localhost:{server.port}", "--metrics=latency,throughput",
+                      "--duration", "5", "--report", report], timeout=60)
+        load_out, _ = load.communicate(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(load_out)["statuses"].get("200", 0) > 100
+    data = json.loads(report.with_suffix(".json").read_text())
+    top = data["findings"][0]
+    assert top["rule"].startswith("serve_queue"), data["findings"]
+    assert top["settings"]["serve.max_batch_size"] >= 8 and "--max-batch-size" in top["command"]
+    assert data["facts"]["batch_mean"] == 1.0
+    html = report.read_text()
+    assert '<img class="plot"' in html and 'id="findings"' in html and "max_batch_size" in html

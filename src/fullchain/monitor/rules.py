@@ -113,17 +113,26 @@ def queue_bound(facts: dict[str, Any]) -> Finding | None:
 
 
 def unbatched(facts: dict[str, Any]) -> Finding | None:
+    """Requests pile up (in flight, waiting) while every batch holds one: the queue is served one at a time.
+
+    Impact: k requests waiting together could share one forward pass, saving up to 1 - 1/(k+1) of the
+    per-request passes; k is the mean queue depth seen at the scrapes.
+    """
     batch, peak = _num(facts, "batch_mean"), _num(facts, "in_flight_peak")
     if not (_serving(facts) and batch <= threshold("batch_one_mean") and peak >= threshold("busy_in_flight")):
         return None
     if _num(facts, "queue_share") > threshold("queue_share"):
-        return None  # folded into the queue finding's advice
+        return None  # the queue finding already carries this advice
+    depth = _num(facts, "queue_depth_mean")
     size = suggested_batch(facts)
     return Finding(
-        "serve_unbatched", "Batches stay at one request under concurrent load", _num(facts, "queue_share"),
+        "serve_queue_unbatched", "Requests queue up while every batch holds one request",
+        1 - 1 / (1 + depth) if depth > 0 else 0.05,
         [Evidence("serve_batch_size mean", batch, threshold("batch_one_mean"), "<="),
-         Evidence("serve_in_flight_requests peak", peak, threshold("busy_in_flight"), ">=")],
-        f"set serve.max_batch_size to {size} and give batches time to fill (serve.max_wait_ms: 5)",
+         Evidence("serve_in_flight_requests peak", peak, threshold("busy_in_flight"), ">="),
+         Evidence("serve_queue_depth mean", depth, 0, ">")],
+        f"batch concurrent requests: set serve.max_batch_size to {size} (ds serve --max-batch-size {size}) and "
+        "give batches time to fill (serve.max_wait_ms: 5)",
         settings={"serve.max_batch_size": size, "serve.max_wait_ms": 5},
         command=f"ds serve MODEL_DIR --max-batch-size {size}")
 

@@ -188,6 +188,10 @@ def _finite(values: list[float]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
+def _mean_of(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
 def observation_facts(snapshots: list[Snapshot]) -> dict[str, Any]:
     """Plain numbers over a whole observation (first to last snapshot) for the rules; absent series give NaN."""
     if not snapshots:
@@ -209,6 +213,7 @@ def observation_facts(snapshots: list[Snapshot]) -> dict[str, Any]:
         "batch_mean": batch.mean,
         "in_flight_peak": max(_finite([total(s, M.SERVE_IN_FLIGHT) for s in snapshots]), default=math.nan),
         "queue_depth_peak": max(_finite([total(s, M.SERVE_QUEUE_DEPTH) for s in snapshots]), default=math.nan),
+        "queue_depth_mean": _mean_of(_finite([total(s, M.SERVE_QUEUE_DEPTH) for s in snapshots])),
         "error_share": error_share(first, last),
         "steps": step.count,
         "step_mean_s": step.mean,
