@@ -1,0 +1,16 @@
+"""Quantisation (MISSION C10): PTQ static int8, dynamic int8 and QAT, on two backends.
+
+- ``inductor``: PT2E via torchao with the X86 Inductor quantizer, compiled by Inductor with freezing
+  (`pt2e`); the artifact holds ``model.pt2``, loaded by `load_program`.
+- ``onnxruntime``: ONNX Runtime's static QDQ (or dynamic) quantisation of the exported model (`onnxrt`);
+  the artifact holds ``model.onnx``, served by `fullchain.deploy.runtimes.load_runtime`.
+
+QAT (`qat`) fine-tunes with fake quantisation through the ordinary Trainer. `stage.quantize_artifact` is
+the `ds optimize --quantize` entry point; `guard` refuses a model that lost too much accuracy.
+"""
+
+from fullchain.optimize.quantize.guard import QuantizationRejected
+from fullchain.optimize.quantize.pt2e import load_program
+from fullchain.optimize.quantize.stage import quantize_artifact
+
+__all__ = ["QuantizationRejected", "load_program", "quantize_artifact"]

@@ -1,0 +1,93 @@
+"""One quantised model per (method, backend): the piece both `ds optimize --quantize` and `ds bench realtime` use.
+
+`quantize_model` takes a float model, calibration batches and (for QAT) the training data, and returns a
+`Quantized`: a batch-in, logits-out `predict`, the servable file it wrote (``model.pt2`` for Inductor,
+``model.onnx`` for ONNX Runtime), the int8 kernels it runs (read from the lowered graph or ORT's optimised
+graph, not inferred from speed), and the float weights to keep beside it (QAT-trained for QAT).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from fullchain.optimize.quantize import onnxrt, pt2e, qat
+
+METHODS = ("ptq", "qat", "dynamic")
+BACKENDS = ("inductor", "onnxruntime")
+
+
+@dataclass
+class TrainingData:
+    """What QAT fine-tunes on (the artifact's own training split)."""
+
+    dataset: Dataset
+    collate: Callable
+    steps: int
+    lr: float
+    batch_size: int = 64
+    seed: int = 0
+    callbacks: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Quantized:
+    method: str
+    backend: str
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    file: Path
+    int8_kernels: list[str]
+    float_model: torch.nn.Module
+    qat_trainer: Any = None
+
+
+def _onnx_int8(model: torch.nn.Module, example: torch.Tensor, calibration: Sequence[torch.Tensor], method: str,
+               out_dir: Path, threads: int) -> tuple[Path, Callable, list[str]]:
+    from fullchain.deploy.export import export_onnx
+
+    path = out_dir / onnxrt.ONNX_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(model, example, fp32)
+        onnxrt.quantize_onnx(fp32, path, "dynamic" if method == "dynamic" else "static", calibration)
+    return path, onnxrt.predictor(path, threads), onnxrt.int8_kernels(path)
+
+
+def quantize_model(
+    model: torch.nn.Module,
+    method: str,
+    backend: str,
+    example: torch.Tensor,
+    calibration: Sequence[torch.Tensor],
+    out_dir: Path,
+    training: TrainingData | None = None,
+    threads: int | None = None,
+) -> Quantized:
+    """Quantise `model` (left untouched; QAT trains a copy) and write its servable file into `out_dir`."""
+    threads = threads or torch.get_num_threads()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    float_model, trainer = model, None
+    if method == "qat":
+        if training is None:
+            raise ValueError("QAT needs training data")
+        prepared, trainer = qat.finetune(
+            copy.deepcopy(model), example, training.dataset, training.collate, training.steps, training.lr,
+            training.batch_size, training.seed, training.callbacks,
+        )
+        float_model = qat.float_weights(prepared, copy.deepcopy(model))
+    if backend == "inductor":
+        converted = (pt2e.convert_qat(prepared) if method == "qat"
+                     else pt2e.quantize_ptq(model, example, calibration, method))
+        path = pt2e.save_program(converted, example, out_dir / pt2e.PROGRAM_FILE)
+        return Quantized(method, backend, pt2e.FrozenProgram(converted), path,
+                         pt2e.int8_kernels(converted, example), float_model, trainer)
+    path, predict, kernels = _onnx_int8(float_model, example, calibration, method, out_dir, threads)
+    return Quantized(method, backend, predict, path, kernels, float_model, trainer)
+

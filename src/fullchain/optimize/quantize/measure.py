@@ -1,0 +1,51 @@
+"""What a quantisation report measures: held-out accuracy, batch-1 latency and size, for any callable model.
+
+The contenders (eager module, compiled program, ONNX Runtime session) only share "tensor in, logits out",
+so everything here takes a `predict` function and fixed batches, which keeps the figures comparable.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+def batches(dataset: Dataset, collate: Callable, batch_size: int, limit: int | None = None) -> list[tuple]:
+    """The first `limit` samples (all by default) of `dataset` as collated (x, y) batches, in order."""
+    if limit is not None and limit < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(limit))
+    return list(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate))
+
+
+@torch.no_grad()
+def accuracy(predict: Predict, data: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    correct = total = 0
+    for x, y in data:
+        correct += int((predict(x).argmax(-1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+@torch.no_grad()
+def latency_ms(predict: Predict, example: torch.Tensor, repeats: int = 200, warmup: int = 20) -> dict[str, float]:
+    """Median and p99 of single calls on `example` (batch 1 for the real-time figure), in milliseconds."""
+    for _ in range(warmup):
+        predict(example)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predict(example)
+        times.append(1000 * (time.perf_counter() - start))
+    times.sort()
+    return {"median": statistics.median(times), "p99": times[min(len(times) - 1, int(0.99 * len(times)))]}
+
+
+def size_bytes(*paths: Path) -> int:
+    return sum(Path(p).stat().st_size for p in paths)
