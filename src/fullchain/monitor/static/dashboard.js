@@ -10,12 +10,12 @@ const CHARTS = [
     value: (a, b) => quantile(histDelta(a, b, "serve_request_duration_seconds"), 0.95) },
   { key: "throughput_rps", title: "requests answered", unit: "req/s",
     value: (a, b) => rate(a, b, "serve_requests_total") },
-  { key: "queue_depth", title: "queue depth", unit: "requests", value: (a, b) => total(b, "serve_queue_depth") },
+  { key: "queue_depth", title: "queue depth", unit: "requests", value: (a, b) => total(b.values, "serve_queue_depth") },
   { key: "batch_mean", title: "mean batch size", unit: "requests",
     value: (a, b) => mean(histDelta(a, b, "serve_batch_size")) },
-  { key: "train_loss", title: "training loss", unit: "", value: (a, b) => total(b, "train_loss") },
+  { key: "train_loss", title: "training loss", unit: "", value: (a, b) => total(b.values, "train_loss") },
   { key: "samples_per_s", title: "training samples", unit: "samples/s",
-    value: (a, b) => total(b, "train_samples_per_second") },
+    value: (a, b) => total(b.values, "train_samples_per_second") },
   { key: "step_mean", title: "mean step time", unit: "s",
     value: (a, b) => mean(histDelta(a, b, "train_step_seconds")) },
   { key: "data_share", title: "data wait / step time", unit: "",
@@ -128,30 +128,35 @@ function draw(chart) {
 const charts = CHARTS.map(makeChart);
 let previous = null;
 
+function update(previous, current) {
+  for (const chart of charts) {
+    const v = chart.spec.value(previous, current);
+    if (v === null || !isFinite(v)) continue;
+    chart.points.push([(current.t - charts.t0) / 1000, v]);
+    if (chart.points.length > KEEP) chart.points.shift();
+    chart.fig.dataset.points = String(chart.points.length);
+    chart.fig.classList.remove("empty");
+    chart.fig.querySelector(".value").textContent = format(v);
+    draw(chart);
+  }
+}
+
 async function poll() {
   const status = document.getElementById("status");
+  let current = null;
   try {
     const response = await fetch("/metrics", { cache: "no-store" });
     if (!response.ok) throw new Error("HTTP " + response.status);
-    const current = { t: Date.now(), values: parseMetrics(await response.text()) };
-    if (previous) {
-      for (const chart of charts) {
-        const v = chart.spec.value(previous, current);
-        if (v === null || !isFinite(v)) continue;
-        chart.points.push([(current.t - charts.t0) / 1000, v]);
-        if (chart.points.length > KEEP) chart.points.shift();
-        chart.fig.dataset.points = String(chart.points.length);
-        chart.fig.classList.remove("empty");
-        chart.fig.querySelector(".value").textContent = format(v);
-        draw(chart);
-      }
-    }
-    previous = current;
+    current = { t: Date.now(), values: parseMetrics(await response.text()) };
     status.textContent = "live: " + new Date().toLocaleTimeString();
     status.className = "";
   } catch (err) {
     status.textContent = "cannot reach /metrics (" + err.message + "), retrying";
     status.className = "down";
+  }
+  if (current) {
+    if (previous) update(previous, current);
+    previous = current;
   }
   setTimeout(poll, POLL_MS);
 }
