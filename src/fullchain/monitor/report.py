@@ -173,7 +173,8 @@ def render_html(report: Report) -> str:
         parts.append("</section>")
     for t in report.tables:
         parts.append(f"<h2>{html.escape(t.title)}</h2>{_table(t.header, t.rows)}")
-    facts = [[k, v] for k, v in report.facts.items() if not isinstance(v, list)]
+    facts = [[k, v] for k, v in report.facts.items()
+             if not isinstance(v, list) and not (isinstance(v, float) and math.isnan(v))]  # NaN: not exposed
     parts.append(f"<h2>Observed figures</h2>{_table(['fact', 'value'], facts)}")
     parts.append("<h2>Thresholds</h2>" + _table(["name", "value", "meaning"],
                                                  [[k, v, m] for k, (v, m) in THRESHOLDS.items()]))
