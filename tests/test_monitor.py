@@ -205,3 +205,14 @@ def test_queue_bound_ds_serve_top_finding_is_the_queue_with_a_batching_suggestio
     assert data["facts"]["batch_mean"] == 1.0
     html = report.read_text()
     assert '<img class="plot"' in html and 'id="findings"' in html and "max_batch_size" in html
+
+
+def test_monitor_port_in_use_is_a_one_line_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run([*DS, "train", write_run(tmp_path), "--set", f"monitor.port={port}"])
+    assert result.returncode == 2
+    assert f"monitor.port: metrics endpoint could not listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
