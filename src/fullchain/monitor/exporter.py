@@ -73,10 +73,10 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-class TrainingExporter(Callback):
-    """Serves the run's metrics while it trains; `linger_s` keeps the endpoint up after the end for scrapers."""
+class TrainingMetrics(Callback):
+    """The run's series in a registry of its own, updated from the Trainer's events (no server)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, linger_s: float = 0.0):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.gauges = {name: Gauge(name, doc, registry=self.registry) for name, doc in GAUGES.items()}
         self.step_seconds = Histogram(M.TRAIN_STEP_SECONDS, "wall time of one optimiser step, data wait included",
@@ -85,15 +85,9 @@ class TrainingExporter(Callback):
                                    "each log interval)", buckets=STEP_BUCKETS, registry=self.registry)
         self.checkpoint_blocked = Histogram(M.CHECKPOINT_BLOCKED_SECONDS, "time save() held the training loop",
                                             buckets=STEP_BUCKETS, registry=self.registry)
-        self.server = MetricsServer(metrics_app(self.registry), host, port)
-        self.linger_s = linger_s
         self._last_step_end: float | None = None
         self._steps_since_log = 0
         self._last_checkpoint_step: int | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.server.host}:{self.server.port}"
 
     def on_train_start(self, trainer: Any) -> None:
         self._last_step_end = time.perf_counter()
@@ -132,6 +126,19 @@ class TrainingExporter(Callback):
         for name in (M.EVAL_LOSS, M.EVAL_ACCURACY):
             if isinstance(metrics.get(name), int | float):
                 self.gauges[name].set(metrics[name])
+
+
+class TrainingExporter(TrainingMetrics):
+    """Serves the run's metrics while it trains; `linger_s` keeps the endpoint up after the end for scrapers."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, linger_s: float = 0.0):
+        super().__init__()
+        self.server = MetricsServer(metrics_app(self.registry), host, port)
+        self.linger_s = linger_s
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.host}:{self.server.port}"
 
     def on_train_end(self, trainer: Any, result: Any) -> None:
         if self.linger_s > 0:
