@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fullchain.bench import amp, checkpoint, comm, trainer_overhead
+from fullchain.bench import amp, checkpoint, comm, monitor, trainer_overhead
 from fullchain.bench.harness import BenchRecord, print_record, write_record
 from fullchain.errors import UserError
 
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "amp": amp,
     "checkpoint": checkpoint,
     "comm": comm,
+    "monitor-overhead": monitor,
 }
 
 
