@@ -82,6 +82,29 @@ class ModelSpec:
         )
 
 
+TOKEN_KINDS = ("text", "lm")
+
+
+def sample_inputs(spec: ModelSpec, batch: int = 3, length: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Inputs of the artifact's signature: token ids with trailing padding, or unit-normal images/features.
+
+    Token rows get different amounts of padding, as a server's padded batches do; ``length`` defaults to
+    24 tokens and is capped at the model's ``max_length``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    inp = spec.input
+    if inp["kind"] in TOKEN_KINDS:
+        t = min(length or 24, inp["max_length"])
+        ids = torch.randint(1, inp["vocab_size"], (batch, t), generator=g)
+        if inp["kind"] == "text":
+            for row in range(1, batch):
+                ids[row, t - row * max(1, t // (2 * batch)):] = 0
+        return ids
+    if inp["kind"] == "image":
+        return torch.randn(batch, inp["channels"], inp["height"], inp["width"], generator=g)
+    return torch.randn(batch, inp["num_features"], generator=g)
+
+
 def save_artifact(directory: str | Path, model: torch.nn.Module, spec: ModelSpec, tokenizer: Any = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -110,12 +133,20 @@ def read_spec(directory: str | Path) -> ModelSpec:
 
 
 def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
-    """Rebuild the model from its builder and arguments, then load the weights (strictly)."""
+    """Rebuild the model from its builder and arguments, then load the weights (strictly).
+
+    An optimised artifact (``extra.optimize`` in model.json) is rebuilt through `fullchain.optimize.recipe`.
+    """
     from fullchain.models import build_model
 
     directory = Path(directory)
     spec = read_spec(directory)
     model = build_model(name=spec.builder.get("name"), target=spec.builder.get("target"), args=spec.args)
+    recipe = spec.extra.get("optimize")
+    if recipe:  # an optimised artifact: rebuild its rewritten structure before loading its weights
+        from fullchain.optimize.recipe import rebuild
+
+        model = rebuild(model, recipe, (sample_inputs(spec),))
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{directory}: missing {WEIGHTS}")
@@ -125,7 +156,12 @@ def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> 
             f"{weights}: weights do not fit the model built from {META}: "
             f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
-    return model.to(device).eval(), spec
+    model = model.to(device).eval()
+    if recipe:
+        from fullchain.optimize.recipe import for_inference
+
+        model = for_inference(model, recipe)
+    return model, spec
 
 
 def load_tokenizer(directory: str | Path) -> Any | None:

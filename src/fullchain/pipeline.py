@@ -196,7 +196,13 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         "model_dir": str(outcome.model_dir),
         "train": {**outcome.result.summary(), "parameters": outcome.parameters},
         "eval": {k: v for k, v in eval_metrics.items() if k != "confusion_matrix"},
-        "wall_s": round(time.perf_counter() - started, 2),
     }
+    if cfg.optimize.enabled:
+        from fullchain.optimize.pipeline import optimize_artifact, summarize
+
+        report = optimize_artifact(outcome.model_dir, cfg.run_dir / "model-optimized", cfg.optimize,
+                                   console=console, bundle=outcome.bundle)
+        summary["optimize"] = {"model_dir": str(cfg.run_dir / "model-optimized"), **summarize(report)}
+    summary["wall_s"] = round(time.perf_counter() - started, 2)
     write_summary(cfg.run_dir, summary)
     return summary
