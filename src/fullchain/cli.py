@@ -139,6 +139,103 @@ def run(config: ConfigPath, overrides: Overrides = None) -> None:
 
 
 @app.command()
+def optimize(
+    model_dir: Annotated[Path, typer.Argument(help="model artifact directory (runs/<name>/model)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where the optimised artifact is written")],
+    passes: Annotated[str, typer.Option(help="comma-separated: all, fuse_qkv, fuse_attention, fold_conv_bn, "
+                                             "fuse_conv_bn_relu; 'none' for no graph passes")] = "all",
+    precision: Annotated[str, typer.Option(help="inference precision: fp32, bf16 or fp16")] = "fp32",
+    compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile when loaded")] = False,
+    compile_mode: Annotated[str, typer.Option(help="torch.compile mode")] = "default",
+    quantize: Annotated[str, typer.Option(help="none, ptq, qat or dynamic (int8)")] = "none",
+    backend: Annotated[str, typer.Option(help="quantisation backend: inductor or onnxruntime")] = "inductor",
+    calib_samples: Annotated[int, typer.Option(min=1, help="PTQ calibration samples")] = 512,
+    max_accuracy_drop: Annotated[float, typer.Option(min=0, help="points of accuracy quantisation may lose")] = 1.0,
+    evaluate_: Annotated[bool, typer.Option("--eval/--no-eval", help="score both artifacts on the test split")] = True,
+) -> None:
+    """Graph passes, inference precision, compile or int8 quantisation; writes OUT and optimize_report.json."""
+    from pydantic import ValidationError
+
+    from fullchain.config import OptimizeConfig, format_validation_error
+    from fullchain.optimize.pipeline import REPORT, optimize_artifact
+
+    names = [] if passes.strip() == "none" else [p.strip() for p in passes.split(",") if p.strip()]
+    try:
+        settings = OptimizeConfig(enabled=True, passes=names, precision=precision, compile=compile_,
+                                  compile_mode=compile_mode, quantize=quantize, backend=backend,
+                                  calib_samples=calib_samples, max_accuracy_drop=max_accuracy_drop)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, "ds optimize")) from None
+    report = optimize_artifact(model_dir, out_dir, settings, evaluate=evaluate_)
+    _print_optimize(report)
+    out.print(f"optimised artifact written to {out_dir}; report in {out_dir / REPORT}")
+
+
+def _print_optimize(report: dict) -> None:
+    for outcome in report.get("passes", []):
+        parity = outcome["parity"]
+        err = f", max abs error {parity['max_abs']:.2e}" if parity else ""
+        out.print(f"{outcome['pass']:18s} {outcome['status']:12s} {len(outcome['rewrites'])} rewrite(s){err}",
+                  highlight=False)
+    if "before" in report:
+        b, a = report["before"], report["after"]
+        out.print(f"latency batch 1: {b['latency_ms_batch1']:.2f} -> {a['latency_ms_batch1']:.2f} ms "
+                  f"({report['speedup_batch1']:.2f}x); batch 8: {b['latency_ms_batch8']:.2f} -> "
+                  f"{a['latency_ms_batch8']:.2f} ms ({report['speedup_batch8']:.2f}x)", highlight=False)
+    if "eval" in report:
+        b, a = report["eval"]["before"], report["eval"]["after"]
+        out.print(f"test accuracy: {b.get('accuracy', float('nan')):.4f} -> {a.get('accuracy', float('nan')):.4f}",
+                  highlight=False)
+
+
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="model artifact directory (runs/<name>/model)")],
+    format_: Annotated[str, typer.Option("--format", help="onnx or tensorrt")] = "onnx",
+    out_path: Annotated[Path | None, typer.Option("--out", help="default: MODEL_DIR/model.onnx (.engine)")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch", help="dynamic batch size")] = True,
+    opset: Annotated[int | None, typer.Option(min=13, help="ONNX opset (default: the exporter's)")] = None,
+    fp16: Annotated[bool, typer.Option(help="TensorRT 10: build with --fp16")] = True,
+) -> None:
+    """Export to ONNX (checked against torch in ONNX Runtime) or a TensorRT engine; fails on a parity miss."""
+    from fullchain.deploy.export import export_artifact
+
+    report = export_artifact(model_dir, out_path, format_, dynamic_batch, opset, fp16)
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False)
+    lat = report.latency_ms
+    out.print(f"{report.path}: {report.exporter} exporter, parity max |error| {report.max_abs_error:.2e} "
+              f"(tolerance {report.tolerance:.0e}) on shapes {report.checked_shapes}; batch-1 latency torch "
+              f"{lat['torch_ms']:.3f} ms, onnxruntime {lat['onnxruntime_ms']:.3f} ms", highlight=False)
+    if not report.parity_ok:
+        Console(stderr=True).print(f"[bold red]error:[/] ONNX output differs from torch by {report.max_abs_error:.2e},"
+                                   f" over the tolerance {report.tolerance:.0e}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="model artifact directory or a .onnx file")],
+    runtime: Annotated[str | None, typer.Option(help="torch or onnxruntime (default: by the path)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind; beyond localhost, use --token-file")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8080,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="requests per batch")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="how long a request waits for a batch to fill")] = 5.0,
+    queue_size: Annotated[int, typer.Option(min=1, help="waiting requests beyond this get 503")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="larger request bodies get 413")] = 8 * 1024 * 1024,
+    threads: Annotated[int | None, typer.Option(min=1, help="inference threads (default: half the cores)")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="require 'Authorization: Bearer <token in file>'")] = None,
+) -> None:
+    """Serve a model over HTTP: POST /v1/predict with dynamic batching, /metrics, /healthz, /readyz."""
+    from fullchain.config import ServeConfig
+    from fullchain.deploy.server import serve as run_server
+
+    cfg = ServeConfig(host=host, port=port, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                      queue_size=queue_size, max_body_bytes=max_body_bytes, threads=threads)
+    run_server(model, runtime, cfg, token_file)
+
+
+@app.command()
 def bench(
     name: Annotated[str | None, typer.Argument(help="benchmark name; omit with --list")] = None,
     quick: Annotated[bool, typer.Option(help="a small setting that runs in seconds (for tests)")] = False,
