@@ -55,3 +55,13 @@ def test_comm_quick(tmp_path):
     record = bench("comm", tmp_path)
     assert record["ratios"]["int8_bytes_vs_fp32"] <= 0.27
     assert record["ratios"]["int8_accuracy_vs_fp32"] >= 0.98
+
+
+def test_fusion_quick(tmp_path):
+    record = bench("fusion", tmp_path)
+    assert record["checks"]["parity"] is True
+    # acceptance: >= 1.1 and <= 0.8 at the longest quick sequence (measured 1.57 and 0.38 on a busy host)
+    assert record["ratios"]["passes_vs_eager_latency"] >= 1.1
+    assert record["ratios"]["passes_vs_eager_peak_memory"] <= 0.8
+    assert record["settings"]["passes_applied"]["small"] == {"fuse_qkv": 4, "fuse_attention": 4}
+    assert record["settings"]["passes_applied"]["cnn"]["fold_conv_bn"] > 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fullchain.bench import amp, checkpoint, comm, monitor, trainer_overhead
+from fullchain.bench import amp, checkpoint, comm, fusion, monitor, realtime, serve, trainer_overhead
 from fullchain.bench.harness import BenchRecord, print_record, write_record
 from fullchain.errors import UserError
 
@@ -15,6 +15,9 @@ BENCHMARKS = {
     "amp": amp,
     "checkpoint": checkpoint,
     "comm": comm,
+    "fusion": fusion,
+    "realtime": realtime,
+    "serve": serve,
     "monitor-overhead": monitor,
 }
 
