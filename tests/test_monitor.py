@@ -216,3 +216,13 @@ def test_monitor_port_in_use_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert f"monitor.port: metrics endpoint could not listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_monitor_overhead_quick_measures_all_three_while_scraped(tmp_path):
+    out = tmp_path / "mo.json"
+    result = run([*DS, "bench", "monitor-overhead", "--quick", "--json", out])
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"none", "fullchain", "prometheus_client"}
+    assert record["checks"]["scraped_throughout"] is True
+    assert record["ratios"]["fullchain_vs_none_speed"] > 0
