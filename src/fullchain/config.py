@@ -176,6 +176,7 @@ class ServeConfig(Section):
     max_wait_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(1024, ge=1, description="requests waiting beyond this get 503 with Retry-After")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    threads: int | None = Field(None, ge=1, description="intra-op threads for inference; default: half the cores")
     load_seconds: float = Field(5.0, gt=0, description="ds run: how long the serve-and-load stage drives load")
     load_concurrency: int = Field(16, ge=1)
 
