@@ -75,6 +75,17 @@ def test_rules_rank_by_impact_and_quote_their_thresholds():
     assert [f.rule for f in train] == ["train_loss_nan", "train_comm"]
 
 
+def test_rules_find_a_loss_spike_and_a_throughput_drop_after_warm_up():
+    losses = [2.0, 1.8, 1.6, 1.5, 1.4, 9.0, 1.3]
+    steady = [1000.0] * 20
+    findings = diagnose({"steps": 100, "loss": losses, "samples_per_s": steady[:15] + [500.0] * 5})
+    assert [f.rule for f in findings] == ["train_throughput_drop", "train_loss_spike"]
+    assert findings[0].evidence[0].value == pytest.approx(0.5)
+    assert findings[1].evidence[0].value == pytest.approx(9.0 / 1.6)
+    # a slow first interval (warm-up) and a smooth loss are no finding
+    assert diagnose({"steps": 100, "loss": losses[:5], "samples_per_s": [200.0] * 3 + steady}) == []
+
+
 def test_slow_dataset_training_endpoint_top_finding_is_data_loading_and_ds_monitor_reports_it(tmp_path):
     with TrainingInThread(sleep_s=0.004, steps=400) as training:
         scraper = Scraper(training.url)
