@@ -41,23 +41,40 @@ class TrainingData:
 class Quantized:
     method: str
     backend: str
-    predict: Callable[[torch.Tensor], torch.Tensor]
-    file: Path
+    file: Path  # the servable file (model.pt2 or model.onnx)
     int8_kernels: list[str]
     float_model: torch.nn.Module
-    qat_trainer: Any = None
+    graph: torch.fx.GraphModule | None = None  # the converted PT2E graph (inductor backend)
+    threads: int = 1
+
+    def predictor(self, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A fresh batch-in, logits-out callable (Inductor compiles at the thread count of its first call)."""
+        if self.backend == "inductor":
+            return pt2e.FrozenProgram(self.graph)
+        return onnxrt.predictor(self.file, threads or self.threads)
 
 
-def _onnx_int8(model: torch.nn.Module, example: torch.Tensor, calibration: Sequence[torch.Tensor], method: str,
-               out_dir: Path, threads: int) -> tuple[Path, Callable, list[str]]:
+def _onnx_int8(
+    model: torch.nn.Module, example: torch.Tensor, calibration: Sequence[torch.Tensor], method: str, out_dir: Path
+) -> tuple[Path, list[str]]:
     from fullchain.deploy.export import export_onnx
+    from fullchain.deploy.runtimes import ONNX_FILE
 
-    path = out_dir / onnxrt.ONNX_FILE
+    path = out_dir / ONNX_FILE
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         export_onnx(model, example, fp32)
         onnxrt.quantize_onnx(fp32, path, "dynamic" if method == "dynamic" else "static", calibration)
-    return path, onnxrt.predictor(path, threads), onnxrt.int8_kernels(path)
+    return path, onnxrt.int8_kernels(path)
+
+
+def finetune_qat(model: torch.nn.Module, example: torch.Tensor, training: TrainingData) -> torch.fx.GraphModule:
+    """QAT fine-tuning of a copy of `model`; the result feeds `quantize_model(..., qat_graph=...)`."""
+    prepared, _ = qat.finetune(
+        copy.deepcopy(model), example, training.dataset, training.collate, training.steps, training.lr,
+        training.batch_size, training.seed, training.callbacks,
+    )
+    return prepared
 
 
 def quantize_model(
@@ -69,25 +86,28 @@ def quantize_model(
     out_dir: Path,
     training: TrainingData | None = None,
     threads: int | None = None,
+    qat_graph: torch.fx.GraphModule | None = None,
 ) -> Quantized:
-    """Quantise `model` (left untouched; QAT trains a copy) and write its servable file into `out_dir`."""
+    """Quantise `model` (left untouched) and write its servable file into `out_dir`.
+
+    QAT fine-tunes a copy on `training`, or takes an already fine-tuned `qat_graph` (which the inductor
+    backend consumes: conversion rewrites it).
+    """
+    if method not in METHODS or backend not in BACKENDS:
+        raise ValueError(f"unknown quantisation {method!r} / backend {backend!r}")
     threads = threads or torch.get_num_threads()
     out_dir.mkdir(parents=True, exist_ok=True)
-    float_model, trainer = model, None
+    float_model = model
     if method == "qat":
-        if training is None:
-            raise ValueError("QAT needs training data")
-        prepared, trainer = qat.finetune(
-            copy.deepcopy(model), example, training.dataset, training.collate, training.steps, training.lr,
-            training.batch_size, training.seed, training.callbacks,
-        )
-        float_model = qat.float_weights(prepared, copy.deepcopy(model))
+        if qat_graph is None:
+            if training is None:
+                raise ValueError("QAT needs training data")
+            qat_graph = finetune_qat(model, example, training)
+        float_model = qat.float_weights(qat_graph, copy.deepcopy(model))
     if backend == "inductor":
-        converted = (pt2e.convert_qat(prepared) if method == "qat"
+        converted = (pt2e.convert_qat(qat_graph) if method == "qat"
                      else pt2e.quantize_ptq(model, example, calibration, method))
         path = pt2e.save_program(converted, example, out_dir / pt2e.PROGRAM_FILE)
-        return Quantized(method, backend, pt2e.FrozenProgram(converted), path,
-                         pt2e.int8_kernels(converted, example), float_model, trainer)
-    path, predict, kernels = _onnx_int8(float_model, example, calibration, method, out_dir, threads)
-    return Quantized(method, backend, predict, path, kernels, float_model, trainer)
-
+        return Quantized(method, backend, path, pt2e.int8_kernels(converted, example), float_model, converted, threads)
+    path, kernels = _onnx_int8(float_model, example, calibration, method, out_dir)
+    return Quantized(method, backend, path, kernels, float_model, threads=threads)

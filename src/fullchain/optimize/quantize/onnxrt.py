@@ -17,25 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fullchain.errors import UserError
+from fullchain.deploy.export import INPUT_NAME
 
-ONNX_FILE = "model.onnx"
-INPUT_NAME = "input"
 INT8_OP_TYPES = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "ConvInteger", "MatMulInteger",
                  "DynamicQuantizeMatMul", "DynamicQuantizeLinear")
-
-
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """fp32 ONNX export (dynamo exporter) with a dynamic batch dimension (and sequence, for token ids)."""
-    dims = {0: "batch"}
-    if example.dim() == 2 and not example.is_floating_point():
-        dims[1] = "sequence"
-    try:
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
-                          output_names=["logits"], dynamic_shapes=(dims,), verbose=False)
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the user needs the reason
-        raise UserError(f"quantize: ONNX export of {type(model).__name__} failed: {exc}") from None
-    return path
 
 
 class _Batches:
@@ -66,35 +51,24 @@ def quantize_onnx(
     return out_path
 
 
-def session(path: Path, threads: int = 1, optimized_path: Path | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # the NCHWc "hardware specific" notice when writing the optimised graph
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def predictor(path: Path, threads: int = 1):
-    """A `predict(x) -> logits` over an ONNX Runtime session."""
-    sess = session(path, threads)
-    name = sess.get_inputs()[0].name
+    """A `predict(x) -> logits` over an ONNX Runtime session (the one `ds serve` builds)."""
+    from fullchain.deploy.runtimes import OnnxRuntime
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
-
-    return predict
+    runtime = OnnxRuntime(path, threads)
+    return lambda x: torch.from_numpy(runtime(x))
 
 
 def int8_kernels(path: Path) -> list[str]:
     """The int8 op types of the graph ONNX Runtime actually runs (after its QDQ fusions)."""
     import onnx
+    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        session(path, optimized_path=optimized)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the NCHWc "hardware specific" notice when writing the optimised graph
+        options.optimized_model_filepath = str(optimized)
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         ops = {node.op_type for node in onnx.load(str(optimized)).graph.node}
     return sorted(ops & set(INT8_OP_TYPES))

@@ -66,8 +66,9 @@ def quantize_artifact(
         seconds = time.perf_counter() - started
         with console.status("scoring fp32 and int8 on the test split, timing batch-1 latency"):
             acc_fp32 = accuracy(model, test)
-            acc_int8 = accuracy(q.predict, test)
-            lat_fp32, lat_int8 = latency_ms(model, example), latency_ms(q.predict, example)
+            predict = q.predictor()
+            acc_int8 = accuracy(predict, test)
+            lat_fp32, lat_int8 = latency_ms(model, example), latency_ms(predict, example)
         report = {
             "method": method, "backend": backend, "split": "test", "n": len(test), "threads": threads,
             "calib_samples": sum(len(x) for x in calibration),
