@@ -457,3 +457,20 @@ def test_warnings_do_not_leak_from_a_clean_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error", PassRolledBack)
         PassManager(["all"]).run(model, inputs)
+
+
+@pytest.mark.slow
+def test_ds_optimize_compile_artifact_loads_compiled_and_scores_like_the_original(text_artifact, tmp_path):
+    out = tmp_path / "compiled"
+    result = _ds("optimize", text_artifact, "--out", out, "--compile", "--no-eval")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "model.json").read_text())["extra"]["optimize"]["compile"] is True
+    from fullchain.artifact import load_artifact
+
+    model, _ = load_artifact(out)
+    assert type(model).__name__ == "OptimizedModule"  # torch.compile's wrapper
+    original = _ds("evaluate", text_artifact, "--json", tmp_path / "a.json")
+    compiled = _ds("evaluate", out, "--json", tmp_path / "b.json")
+    assert original.returncode == compiled.returncode == 0, compiled.stderr
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["confusion_matrix"] == b["confusion_matrix"]
