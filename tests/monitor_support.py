@@ -54,4 +54,6 @@ class TrainingInThread:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.trainer.total_steps = self.trainer.step  # the loop ends after the step in progress
         self.exporter.close()
+        self.thread.join(30)

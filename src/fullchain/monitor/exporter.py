@@ -135,15 +135,16 @@ class TrainingExporter(TrainingMetrics):
         super().__init__()
         self.server = MetricsServer(metrics_app(self.registry), host, port)
         self.linger_s = linger_s
+        self._closed = threading.Event()
 
     @property
     def url(self) -> str:
         return f"http://{self.server.host}:{self.server.port}"
 
     def on_train_end(self, trainer: Any, result: Any) -> None:
-        if self.linger_s > 0:
-            time.sleep(self.linger_s)
+        self._closed.wait(self.linger_s)  # cut short by close()
         self.close()
 
     def close(self) -> None:
+        self._closed.set()
         self.server.close()
