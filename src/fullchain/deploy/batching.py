@@ -67,6 +67,11 @@ class DynamicBatcher:
             self._worker.cancel()
         self._executor.shutdown(wait=True)
 
+    def wake(self) -> None:
+        """Re-check the batch being gathered (a request that was on its way settled without joining)."""
+        if self._arrived is not None:
+            self._arrived.set()
+
     async def submit(self, items: list[torch.Tensor]) -> list[tuple[int, float]]:
         if len(self._waiting) >= self.queue_size:
             raise QueueFull

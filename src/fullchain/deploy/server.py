@@ -70,6 +70,7 @@ class Arrivals:
 
     def __init__(self) -> None:
         self.count = 0
+        self.on_settled = lambda: None  # the batcher re-checks whether to stop waiting for more
 
     def open(self, scope) -> None:
         self.count += 1
@@ -79,6 +80,7 @@ class Arrivals:
         if state.get("arriving"):
             state["arriving"] = False
             self.count -= 1
+            self.on_settled()
 
 
 class PredictMetrics:
@@ -111,11 +113,20 @@ class PredictMetrics:
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field, without echoing the input (it may be huge, or NaN, which JSON cannot carry)."""
-    problems = [{"loc": [str(p) for p in err.get("loc", ())], "msg": err.get("msg", "invalid")} for err in exc.errors()]
-    first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
+    """422 naming the bad field, without echoing the input (it may be huge, or NaN, which JSON cannot carry).
+
+    For a value that may take several forms (an image as PNG text or nested arrays), the deepest error is the
+    one that says what is wrong; the names of the alternatives are dropped from the location.
+    """
+    problems = [{"loc": [str(p) for p in err.get("loc", ()) if not _is_branch(p)], "msg": err.get("msg", "invalid")}
+                for err in exc.errors()]
+    first = max(problems, key=lambda p: len(p["loc"]), default={"loc": [], "msg": "invalid request"})
     message = f"{'.'.join(first['loc'][1:]) or 'body'}: {first['msg']}"
     return JSONResponse({"detail": message, "errors": problems[:20]}, status_code=422)
+
+
+def _is_branch(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part.startswith("constrained-"))
 
 
 def bearer_check(token: str | None):
@@ -142,6 +153,7 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) 
     arrivals = Arrivals()
     batcher = DynamicBatcher(infer, cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.queue_size, metrics,
                              arriving=lambda: arrivals.count)
+    arrivals.on_settled = batcher.wake
     state = {"ready": False}
 
     @asynccontextmanager

@@ -1,0 +1,119 @@
+"""`ds export`: every reference model exports to ONNX and matches torch in ONNX Runtime; TensorRT's absence and
+its version-dependent flags are handled."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fullchain.artifact import ModelSpec
+from fullchain.config import validate_config
+from fullchain.deploy import tensorrt
+from fullchain.deploy.export import ExportReport, check_parity, export_onnx, sample_inputs
+from fullchain.deploy.runtimes import OnnxRuntime
+from fullchain.models import build_model
+
+TEXT_INPUT = {"kind": "text", "vocab_size": 300, "max_length": 64, "num_classes": 4, "pad_id": 0}
+REFERENCE_MODELS = {
+    "mlp": ({"num_features": 64, "num_classes": 10, "hidden": [32]},
+            {"kind": "image", "channels": 1, "height": 8, "width": 8}),
+    "cnn": ({"num_classes": 10, "channels": 1, "widths": [8, 16], "blocks_per_stage": [1, 1]},
+            {"kind": "image", "channels": 1, "height": 8, "width": 8}),
+    "transformer": ({"vocab_size": 300, "num_classes": 4, "d_model": 32, "n_heads": 2, "n_layers": 2, "d_ff": 64,
+                     "max_length": 64}, TEXT_INPUT),
+    "causal_lm": ({"vocab_size": 300, "d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64, "max_length": 64},
+                  {**TEXT_INPUT, "kind": "lm"}),
+}
+
+
+def spec_for(name: str) -> tuple[torch.nn.Module, ModelSpec]:
+    args, inp = REFERENCE_MODELS[name]
+    torch.manual_seed(0)
+    return build_model(name=name, args=args).eval(), ModelSpec(builder={"name": name}, args=args, input=inp)
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_MODELS))
+def test_reference_model_exports_with_dynamo_and_matches_torch_at_other_shapes(name, tmp_path):
+    model, spec = spec_for(name)
+    other = sample_inputs(spec, batch=7, length=50, seed=3)
+    report = export_onnx(model, sample_inputs(spec, batch=3), tmp_path / "model.onnx", check_with=[other])
+    assert report.exporter == "dynamo", report.notes
+    assert report.parity_ok, report.max_abs_error
+    assert report.checked_shapes[1] == list(other.shape)
+    got = OnnxRuntime(tmp_path / "model.onnx")(other)
+    with torch.inference_mode():
+        expected = model(other).numpy()
+    assert np.array_equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_parity_check_catches_a_model_that_differs(tmp_path):
+    model, spec = spec_for("mlp")
+    x = sample_inputs(spec, batch=4)
+    assert export_onnx(model, x, tmp_path / "model.onnx").parity_ok
+    with torch.no_grad():
+        model.head.bias.add_(0.01)  # the ONNX file no longer matches these weights
+    report = ExportReport(str(tmp_path / "model.onnx"), "dynamo", True, None)
+    check_parity(model, tmp_path / "model.onnx", [x], report)
+    assert not report.parity_ok and report.max_abs_error == pytest.approx(0.01, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def text_artifact(tmp_path_factory) -> Path:
+    from fullchain.pipeline import train_stage
+
+    root = tmp_path_factory.mktemp("export")
+    cfg = validate_config({
+        "name": "bbc", "runs_dir": str(root), "model": {"name": "transformer", "args": {
+            "d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64}},
+        "data": {"name": "bbc_news", "max_samples": 300, "tokenizer": {"vocab_size": 800, "max_length": 96}},
+        "train": {"max_steps": 5, "batch_size": 16, "progress": False, "tensorboard": False},
+        "checkpoint": {"enabled": False},
+    })
+    return train_stage(cfg).model_dir
+
+
+def ds(*args):
+    return subprocess.run([sys.executable, "-m", "fullchain.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_ds_export_writes_onnx_with_its_preprocessing_beside(text_artifact, tmp_path):
+    out = tmp_path / "deploy" / "model.onnx"
+    result = ds("export", text_artifact, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "dynamo exporter, parity max |error|" in " ".join(result.stdout.split())
+    assert {p.name for p in out.parent.iterdir()} >= {"model.onnx", "model.json", "tokenizer.json"}
+    assert json.loads((out.parent / "model.json").read_text())["label_names"]
+
+
+@pytest.mark.skipif(shutil.which("trtexec") is not None, reason="trtexec is installed here")
+def test_tensorrt_export_without_tensorrt_exits_2_naming_the_install(text_artifact):
+    if _has_tensorrt_module():
+        pytest.skip("the tensorrt Python package is installed here")
+    result = ds("export", text_artifact, "--format", "tensorrt")
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    assert "pip install tensorrt" in message and "trtexec" in message and "Traceback" not in result.stderr
+
+
+def _has_tensorrt_module() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def test_trtexec_flags_follow_the_tensorrt_major_version():
+    spec = ModelSpec(builder={"name": "transformer"}, args={}, input=TEXT_INPUT)
+    shapes = tensorrt.shape_ranges(spec)
+    assert shapes == {"min": [1, 1], "opt": [8, 64], "max": [64, 64]}
+    v10, notes10 = tensorrt.trtexec_command("trtexec", 10, Path("m.onnx"), Path("m.engine"), shapes, fp16=True)
+    assert "--fp16" in v10 and "--memPoolSize=workspace:1024M" in v10 and not notes10
+    assert "--minShapes=input:1x1" in v10 and "--maxShapes=input:64x64" in v10
+    assert not any(flag.startswith("--workspace=") for flag in v10)  # removed in TensorRT 10
+    v11, notes11 = tensorrt.trtexec_command("trtexec", 11, Path("m.onnx"), Path("m.engine"), shapes, fp16=True)
+    assert "--fp16" not in v11 and "strongly typed" in notes11[0]
