@@ -39,7 +39,7 @@ with httpx.Client(timeout=2) as client:
 
 def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     dev = resolve_device(device)
-    chunk_steps, repeats, batch_size = (40, 2, 32) if quick else (300, 12, 32)
+    chunk_steps, repeats, batch_size = (20, 2, 32) if quick else (300, 12, 32)
     bundle = build_data(DataConfig(name="digits", val_fraction=0.0), seed=0)
     args = model_args_from_data("mlp", bundle.input_spec, {})
     torch.manual_seed(0)
