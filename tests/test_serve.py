@@ -6,6 +6,7 @@ and an exported ONNX model serves the same labels as torch.
 """
 
 import asyncio
+import importlib.util
 import json
 import signal
 import socket
@@ -140,6 +141,8 @@ def test_png_images_and_the_probes_metrics_and_schema(server):
                  names.SERVE_BATCH_SIZE, names.SERVE_REQUESTS_TOTAL, names.SERVE_IN_FLIGHT, names.SERVE_QUEUE_DEPTH):
         assert f"# TYPE {name.removesuffix('_total')}" in metrics
     assert f'{names.SERVE_REQUESTS_TOTAL}{{status="200"}}' in metrics
+    if importlib.util.find_spec("fullchain.monitor.dashboard") is not None:
+        assert httpx.get(server.url + "/dashboard").status_code == 200
     schema = httpx.get(server.url + "/openapi.json").json()
     assert "/v1/predict" in schema["paths"] and "ImageRequest" in schema["components"]["schemas"]
 

@@ -203,6 +203,14 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         report = optimize_artifact(outcome.model_dir, cfg.run_dir / "model-optimized", cfg.optimize,
                                    console=console, bundle=outcome.bundle)
         summary["optimize"] = {"model_dir": str(cfg.run_dir / "model-optimized"), **summarize(report)}
+    if cfg.export.enabled:
+        from fullchain.deploy.stage import export_stage
+
+        summary["export"] = export_stage(cfg, outcome.model_dir, console)
+    if cfg.serve.enabled:
+        from fullchain.deploy.stage import serve_stage
+
+        summary["serve"] = serve_stage(cfg, outcome.model_dir, console)
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     write_summary(cfg.run_dir, summary)
     return summary

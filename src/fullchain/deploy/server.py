@@ -172,11 +172,11 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) 
     request_model = REQUEST_MODELS[pre.kind]
 
     async def predict(body: request_model, request: Request) -> Response:  # type: ignore[valid-type]
-        arrivals.close(request.scope["state"])
         try:
             items = pre.encode(getattr(body, pre.field))
         except InputError as exc:
             raise HTTPException(422, str(exc)) from None
+        arrivals.close(request.scope["state"])  # from here it waits in the batcher, not on its way to it
         try:
             results = await batcher.submit(items)
         except QueueFull:
