@@ -242,3 +242,21 @@ def test_exported_onnx_text_model_serves_the_labels_torch_gives(tmp_path):
         probs = [torch.softmax(model(pre.collate(pre.encode([t]))), -1)[0] for t in texts]
     assert [p["label"] for p in served] == [spec.label_names[int(p.argmax())] for p in probs]
     assert np.allclose([p["score"] for p in served], [float(p.max()) for p in probs], atol=1e-4)
+
+
+def test_ds_run_exports_serves_under_load_and_records_the_figures(tmp_path):
+    from fullchain.pipeline import run_pipeline
+
+    cfg = validate_config({
+        "name": "chain", "runs_dir": str(tmp_path), "model": {"name": "mlp"}, "data": {"name": "digits"},
+        "train": {"max_steps": 20, "progress": False, "tensorboard": False}, "checkpoint": {"enabled": False},
+        "export": {"enabled": True}, "serve": {"enabled": True, "runtime": "onnxruntime", "load_seconds": 1,
+                                                "load_concurrency": 8},
+    })
+    summary = run_pipeline(cfg)
+    assert json.loads((tmp_path / "chain" / "summary.json").read_text()) == summary
+    export, serve = summary["export"], summary["serve"]
+    assert export["parity_ok"] and export["parity_max_abs_error"] < 1e-4
+    assert export["latency_ms_batch1"]["onnxruntime_ms"] > 0
+    assert serve["throughput_rps"] > 0 and serve["p99_ms"] >= serve["p50_ms"] > 0
+    assert set(serve["statuses"]) == {"200"} and serve["drained_on_sigterm"]
