@@ -52,7 +52,7 @@ def plain_app(loaded: LoadedModel) -> FastAPI:
 def _settings(quick: bool) -> dict:
     if quick:
         return {"train_steps": 15, "seconds": 1.5, "repeats": 1, "latency_repeats": 20}
-    return {"train_steps": 600, "seconds": 6.0, "repeats": 3, "latency_repeats": 200}
+    return {"train_steps": 200, "seconds": 6.0, "repeats": 3, "latency_repeats": 200}
 
 
 def train_model(root: Path, steps: int) -> Path:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fullchain.artifact import ModelSpec, load_artifact, load_tokenizer, read_spec
+from fullchain.artifact import WEIGHTS, ModelSpec, load_artifact, load_tokenizer, read_spec
 from fullchain.deploy.preprocess import Preprocessor
 from fullchain.errors import UserError
 
@@ -95,10 +95,12 @@ class LoadedModel:
 
 
 def resolve_runtime(path: Path, runtime: str | None) -> str:
-    """The runtime a path serves with when none is named: a .onnx file needs ONNX Runtime."""
+    """The runtime a path serves with when none is named: ONNX Runtime for a .onnx file, or for a directory
+    holding only `model.onnx` (a quantised ONNX artifact); torch otherwise."""
     if runtime is not None and runtime not in RUNTIMES:
         raise UserError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
-    return runtime or ("onnxruntime" if path.suffix == ".onnx" else "torch")
+    onnx_only = path.is_dir() and (path / ONNX_FILE).is_file() and not (path / WEIGHTS).is_file()
+    return runtime or ("onnxruntime" if path.suffix == ".onnx" or onnx_only else "torch")
 
 
 def load_runtime(path: str | Path, runtime: str | None = None, threads: int | None = None) -> LoadedModel:
