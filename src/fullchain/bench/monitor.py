@@ -5,6 +5,7 @@ for a per-step cost) train in alternating chunks: with no endpoint, with fullcha
 `TrainingExporter` callback, FastAPI + uvicorn on a thread), and with the same series served by
 prometheus_client's own `start_http_server` (the plain choice). A separate process scrapes each endpoint
 every 0.25 s (four times ds-monitor's default) for the whole run, so serving cost lands in the measurement.
+`callback_us_per_step` is the callback's own time per step (updating the series), free of the machine's noise.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     def chunk(name: str) -> dict[str, float]:
         """`chunk_steps` steps as `fit` runs them: a step, then the callback with the logged figures."""
         trainer, callback = trainers[name], callbacks[name]
-        samples, start = 0, time.perf_counter()
+        samples, in_callback, start = 0, 0.0, time.perf_counter()
         for _ in range(chunk_steps):
             micro_batches = next(steps[name], None)
             if micro_batches is None:
@@ -78,9 +79,12 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
             metrics = {"logged": logged, M.TRAIN_LOSS: float(out["loss"]), M.DATA_WAIT_SECONDS: 0.0,
                        M.TRAIN_SAMPLES_TOTAL: trainer.step * batch_size} if logged else {"logged": False}
             if callback is not None:
+                called = time.perf_counter()
                 callback.on_step_end(trainer, metrics)
+                in_callback += time.perf_counter() - called
         seconds = time.perf_counter() - start
-        return {"samples_per_s": samples / seconds, "step_ms": 1000 * seconds / chunk_steps}
+        return {"samples_per_s": samples / seconds, "step_ms": 1000 * seconds / chunk_steps,
+                "callback_us_per_step": 1e6 * in_callback / chunk_steps}
 
     try:
         rounds = alternate({name: (lambda n=name: chunk(n)) for name in callbacks}, repeats=repeats, warmup=1)
