@@ -108,7 +108,7 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
                   "model": "cnn (ResNet-style, widths 64/128/256, 2 blocks per stage, 2.8M params) on digits (8x8)",
                   "concurrency": list(CONCURRENCY), "seconds_per_point": s["seconds"], "repeats": s["repeats"],
                   "ds_serve": {"max_batch_size": 64, "max_wait_ms": 5},
-                  "load": "closed loop, httpx in a separate process, one image per request"},
+                  "load": "closed loop, aiohttp in a separate process, one image per request"},
         results={**results, **latency["results"]},
     )
     for c in CONCURRENCY:
