@@ -17,9 +17,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import torch
 
 from fullchain.deploy.metrics import ServeMetrics
 
@@ -30,7 +30,7 @@ class QueueFull(Exception):
 
 @dataclass
 class _Pending:
-    items: list[torch.Tensor]
+    items: list[Any]  # encoded items (token ids, float32 arrays), collated by `infer`
     future: asyncio.Future
     arrival: float = field(default_factory=time.perf_counter)
 
@@ -40,7 +40,7 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        infer: Callable[[list[torch.Tensor]], np.ndarray],
+        infer: Callable[[list[Any]], np.ndarray],
         max_batch_size: int,
         max_wait_s: float,
         queue_size: int,
@@ -72,7 +72,7 @@ class DynamicBatcher:
         if self._arrived is not None:
             self._arrived.set()
 
-    async def submit(self, items: list[torch.Tensor]) -> list[tuple[int, float]]:
+    async def submit(self, items: list[Any]) -> list[tuple[int, float]]:
         if len(self._waiting) >= self.queue_size:
             raise QueueFull
         pending = _Pending(items, asyncio.get_running_loop().create_future())
@@ -124,7 +124,7 @@ class DynamicBatcher:
                                                        strict=True)))
                 start = end
 
-    def _forward(self, items: list[torch.Tensor]) -> np.ndarray:
+    def _forward(self, items: list[Any]) -> np.ndarray:
         return softmax(self.infer(items))
 
 

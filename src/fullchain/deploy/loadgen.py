@@ -20,12 +20,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 
 
 async def _drive(url: str, bodies: list[bytes], concurrency: int, seconds: float, warmup_s: float,
                  headers: dict[str, str]) -> dict:
+    import aiohttp  # only this process needs it
+
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     headers = {"content-type": "application/json", **headers}

@@ -147,7 +147,7 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) 
     pre = loaded.preprocessor
     labels = loaded.label_names
 
-    def infer(items: list[torch.Tensor]):
+    def infer(items: list):
         return loaded.runtime(pre.collate(items))
 
     arrivals = Arrivals()
