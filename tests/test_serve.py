@@ -159,15 +159,16 @@ near_valid_images = st.lists(
     | st.text(max_size=40),
     max_size=4,
 )
-bodies = (st.fixed_dictionaries({"images": near_valid_images}, optional={"texts": json_values})
-          | st.fixed_dictionaries({"images": json_values}) | json_values)
+bodies_ = (st.fixed_dictionaries({"images": near_valid_images}, optional={"texts": json_values})
+           | st.fixed_dictionaries({"images": json_values}) | json_values)
 
 
-def test_property_based_requests_never_get_a_5xx(server):
-    client = httpx.Client(base_url=server.url, timeout=30)
+def never_5xx(url: str, strategy, examples: int) -> None:
+    """Hypothesis-generated bodies (valid, near-valid and arbitrary JSON) never get a server error."""
+    client = httpx.Client(base_url=url, timeout=30)
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(body=bodies)
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=strategy)
     def check(body):
         raw = json.dumps(body, allow_nan=True).encode()
         response = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
@@ -175,6 +176,10 @@ def test_property_based_requests_never_get_a_5xx(server):
 
     check()
     assert client.get("/healthz").status_code == 200
+
+
+def test_property_based_requests_never_get_a_5xx(server):
+    never_5xx(server.url, bodies_, examples=150)
 
 
 def test_full_queue_gets_503_and_sigterm_answers_every_accepted_request(digits_model, tmp_path):
@@ -235,6 +240,8 @@ def test_exported_onnx_text_model_serves_the_labels_torch_gives(tmp_path):
     with ServerProcess(["serve", str(onnx_path)], log=tmp_path / "serve.log") as srv:
         bodies = [{"texts": texts[i:i + 3]} for i in range(0, len(texts), 3)]
         responses = asyncio.run(post_all(srv.url + "/v1/predict", bodies, concurrency=8))
+        never_5xx(srv.url, st.fixed_dictionaries({"texts": st.lists(st.text(max_size=200), max_size=6)}) | bodies_,
+                  examples=60)
     served = [p for r in responses for p in r.json()["predictions"]]
     model, spec = load_artifact(model_dir)
     pre = Preprocessor(spec, load_tokenizer(model_dir))
