@@ -180,6 +180,9 @@ def export_artifact(
     model, spec = load_artifact(model_dir)
     default_name = "model.onnx" if fmt == "onnx" else "model.engine"
     out = Path(out) if out is not None else model_dir / default_name
+    if fmt == "tensorrt" and out.suffix == ".onnx":
+        raise UserError(f"--out {out}: a TensorRT engine needs another name (e.g. {out.with_suffix('.engine')}); "
+                        "the ONNX file it is built from is written beside it")
     onnx_path = out if fmt == "onnx" else out.with_suffix(".onnx")
     carry_preprocessing(model_dir, out.parent)
     sample = sample_inputs(spec, batch=3, length=24)
