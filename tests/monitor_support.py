@@ -30,14 +30,14 @@ class SlowDataset(Dataset):
         return self.data[i]
 
 
-def digits_trainer(sleep_s: float, steps: int, callbacks=(), batch_size: int = 16) -> Trainer:
+def digits_trainer(sleep_s: float, steps: int, callbacks=(), batch_size: int = 16, **trainer_kwargs) -> Trainer:
     bundle = build_data(DataConfig(name="digits"), seed=0)
     torch.manual_seed(0)
     model = build_model(name="mlp", args=model_args_from_data("mlp", bundle.input_spec, {}))
     data = SlowDataset(bundle.train, sleep_s) if sleep_s else bundle.train
     return Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, None,
                    {"max_steps": steps, "batch_size": batch_size, "log_every": 2, "progress": False,
-                    "tensorboard": False}, callbacks=list(callbacks), collate_fn=bundle.collate)
+                    "tensorboard": False}, callbacks=list(callbacks), collate_fn=bundle.collate, **trainer_kwargs)
 
 
 class TrainingInThread:

@@ -15,10 +15,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from fullchain.monitor.exporter import TrainingExporter
 from fullchain.monitor.profile import profile_report, profile_trainer
 from fullchain.monitor.rules import THRESHOLDS, diagnose
 from fullchain.monitor.scrape import Scraper, parse_metrics
 from fullchain.monitor.series import histogram_delta, observation_facts
+from fullchain.train.checkpoint import Checkpointer
 from monitor_support import TrainingInThread, digits_trainer
 
 DS = [sys.executable, "-m", "fullchain.cli"]
@@ -108,6 +110,25 @@ def test_slow_dataset_training_endpoint_top_finding_is_data_loading_and_ds_monit
     assert html.count('<img class="plot"') >= 3 and 'id="findings"' in html
     # the same verdict straight from two scrapes of the endpoint
     assert diagnose(observation_facts(snaps))[0].rule == "train_data"
+
+
+def test_blocking_checkpoints_are_the_top_finding_of_the_training_endpoint(tmp_path):
+    """Synchronous saves after every step of a tiny model: save() holds the loop longer than the step."""
+    exporter = TrainingExporter(port=0)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep_last=1, async_save=False)
+    trainer = digits_trainer(0.0, steps=30, callbacks=[exporter], checkpointer=checkpointer, checkpoint_every=1)
+    scraper = Scraper(exporter.url)
+    try:
+        before = scraper.scrape()
+        trainer.fit()  # the exporter closes at the end of training: scrape from the last step's end
+    finally:
+        checkpointer.close()
+    after = parse_metrics(generate_latest(exporter.registry).decode(), t=1.0)
+    scraper.close()
+    findings = diagnose(observation_facts([before, after]))
+    assert findings[0].rule == "train_checkpoint", findings
+    assert findings[0].settings == {"checkpoint.async_save": True}
+    assert after.get("train_checkpoint_blocked_seconds_count") >= 29
 
 
 def test_ctrl_c_ends_the_watch_and_still_writes_the_report(tmp_path):
