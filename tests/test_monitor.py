@@ -178,8 +178,11 @@ def test_unknown_metric_group_is_a_usage_error():
 
 
 def test_logs_analyze_a_real_run_then_one_with_nan_and_a_restart(tmp_path):
-    assert run([*DS, "train", write_run(tmp_path)]).returncode == 0
+    assert run([*DS, "run", write_run(tmp_path)]).returncode == 0
     run_dir = tmp_path / "runs" / "t"
+    summary = json.loads((run_dir / "summary.json").read_text())  # ds run writes the run's report itself
+    assert summary["monitor"]["report"] == str(run_dir / "report.html")
+    assert '<img class="plot"' in (run_dir / "report.html").read_text()
     clean = run([*DS, "logs", "analyze", run_dir])
     assert clean.returncode == 0, clean.stderr
     assert "logged steps                     30" in clean.stdout and "no bottleneck" in clean.stdout

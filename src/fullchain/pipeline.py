@@ -186,6 +186,16 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
+def run_report(run_dir: Path) -> dict[str, Any]:
+    """runs/<name>/report.html (+ .json): the log analyser's findings and plots over this run's metrics.jsonl."""
+    from fullchain.monitor.logs import analyze_run
+    from fullchain.monitor.report import write_report
+
+    report = analyze_run(run_dir)
+    html_path, _ = write_report(report, run_dir / "report.html")
+    return {"report": str(html_path), "findings": [f.title for f in report.findings]}
+
+
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     """`ds run`: every stage in order; returns (and writes) the summary."""
     started = time.perf_counter()
@@ -211,6 +221,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         from fullchain.deploy.stage import serve_stage
 
         summary["serve"] = serve_stage(cfg, outcome.model_dir, console)
+    summary["monitor"] = run_report(cfg.run_dir)
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     write_summary(cfg.run_dir, summary)
     return summary
