@@ -117,3 +117,13 @@ def test_trtexec_flags_follow_the_tensorrt_major_version():
     assert not any(flag.startswith("--workspace=") for flag in v10)  # removed in TensorRT 10
     v11, notes11 = tensorrt.trtexec_command("trtexec", 11, Path("m.onnx"), Path("m.engine"), shapes, fp16=True)
     assert "--fp16" not in v11 and "strongly typed" in notes11[0]
+
+
+def test_static_batch_export_still_answers_any_batch_size(tmp_path):
+    model, spec = spec_for("cnn")
+    report = export_onnx(model, sample_inputs(spec, batch=1), tmp_path / "model.onnx", dynamic_batch=False)
+    runtime = OnnxRuntime(tmp_path / "model.onnx")
+    assert report.parity_ok and runtime.static_batch == 1
+    x = sample_inputs(spec, batch=5, seed=4)
+    with torch.inference_mode():
+        assert np.allclose(runtime(x), model(x).numpy(), atol=1e-4)

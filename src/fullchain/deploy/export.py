@@ -185,8 +185,9 @@ def export_artifact(
                         "the ONNX file it is built from is written beside it")
     onnx_path = out if fmt == "onnx" else out.with_suffix(".onnx")
     carry_preprocessing(model_dir, out.parent)
-    sample = sample_inputs(spec, batch=3, length=24)
-    other = sample_inputs(spec, batch=5 if dynamic_batch else 3, length=40, seed=1)
+    batch = 3 if dynamic_batch else 1  # a static model takes one request at a time
+    sample = sample_inputs(spec, batch=batch, length=24)
+    other = sample_inputs(spec, batch=5 if dynamic_batch else 1, length=40, seed=1)
     report = export_onnx(model, sample, onnx_path, dynamic_batch, opset, check_with=[other])
     report.latency_ms = compare_latency(model, onnx_path, sample_inputs(spec, batch=1, length=24, seed=2))
     if builder is not None:

@@ -55,10 +55,21 @@ class OnnxRuntime:
 
     def __init__(self, path: str | Path, threads: int | None = None):
         self.session = ort_session(path, threads)
-        self.input_name = self.session.get_inputs()[0].name
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        self.static_batch = first.shape[0] if isinstance(first.shape[0], int) else None  # `ds export --static-batch`
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch.numpy()})[0]
+        x = batch.numpy()
+        n = self.static_batch
+        if n is None or len(x) == n:
+            return self.session.run(None, {self.input_name: x})[0]
+        chunks = []  # a fixed-batch model: run in slices of its size, the last one padded with its first row
+        for start in range(0, len(x), n):
+            part = x[start:start + n]
+            padded = np.concatenate([part, np.repeat(part[:1], n - len(part), axis=0)]) if len(part) < n else part
+            chunks.append(self.session.run(None, {self.input_name: padded})[0][:len(part)])
+        return np.concatenate(chunks)
 
 
 def default_threads() -> int:
