@@ -33,7 +33,7 @@ from fullchain.errors import UserError
 
 PREDICT_PATH = "/v1/predict"
 # The inference thread re-takes the GIL after every torch op; with CPython's default 5 ms switch interval a
-# busy event loop makes it wait up to that long each time (measured: +15-20% throughput at 64 clients).
+# busy event loop makes it wait up to that long each time (measured on 2 busy cores: about +15% at 64 clients).
 SWITCH_INTERVAL_S = 0.0005
 RETRY_AFTER_S = 1
 DASHBOARD_MODULE = "fullchain.monitor.dashboard"
