@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from fullchain.artifact import ModelSpec
+from fullchain.artifact import ModelSpec, sample_inputs
 from fullchain.config import validate_config
 from fullchain.deploy import tensorrt
-from fullchain.deploy.export import ExportReport, check_parity, export_onnx, sample_inputs
+from fullchain.deploy.export import ExportReport, check_parity, export_onnx
 from fullchain.deploy.runtimes import OnnxRuntime
 from fullchain.models import build_model
 

@@ -21,10 +21,11 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from fullchain.artifact import sample_inputs
 from fullchain.bench.harness import BenchRecord, paired_ratio, summarise
 from fullchain.config import validate_config
 from fullchain.deploy.batching import softmax
-from fullchain.deploy.export import compare_latency, export_onnx, sample_inputs
+from fullchain.deploy.export import compare_latency, export_onnx
 from fullchain.deploy.loadgen import run_load
 from fullchain.deploy.payloads import sample_requests
 from fullchain.deploy.process import ServerProcess

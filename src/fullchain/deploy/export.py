@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fullchain.artifact import META, TOKENIZER, ModelSpec, load_artifact
+from fullchain.artifact import META, TOKENIZER, load_artifact, sample_inputs
 from fullchain.errors import UserError
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-TOKEN_KINDS = ("text", "lm")
 DEFAULT_TOLERANCE = 1e-4
 
 
@@ -44,22 +43,6 @@ class ExportReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def sample_inputs(spec: ModelSpec, batch: int = 3, length: int | None = None, seed: int = 0) -> torch.Tensor:
-    """Inputs of the artifact's signature: token ids with trailing padding, or unit-normal images/features."""
-    g = torch.Generator().manual_seed(seed)
-    inp = spec.input
-    if inp["kind"] in TOKEN_KINDS:
-        t = min(length or 24, inp["max_length"])
-        ids = torch.randint(1, inp["vocab_size"], (batch, t), generator=g)
-        if inp["kind"] == "text":  # ragged rows, as the server's padded batches are
-            for row in range(1, batch):
-                ids[row, t - row * max(1, t // (2 * batch)):] = 0
-        return ids
-    if inp["kind"] == "image":
-        return torch.randn(batch, inp["channels"], inp["height"], inp["width"], generator=g)
-    return torch.randn(batch, inp["num_features"], generator=g)
 
 
 def _dynamic_dims(x: torch.Tensor, dynamic_batch: bool) -> dict[int, Any]:

@@ -219,7 +219,7 @@ def include_dashboard(app: FastAPI) -> None:
 
 
 def loaded_sample(loaded: LoadedModel) -> torch.Tensor:
-    from fullchain.deploy.export import sample_inputs
+    from fullchain.artifact import sample_inputs
 
     return sample_inputs(loaded.spec, batch=1)[0]
 
