@@ -52,8 +52,10 @@ def quantize_artifact(
     bundle = bundle or rebuild_data(model_dir, spec)
     if bundle.test is None or len(bundle.test) == 0:
         raise UserError(f"{model_dir}: the recorded data has no test split to check the quantised accuracy on")
-    test = batches(bundle.test, bundle.collate, batch_size=1)  # compiled int8 programs are shape-specialised
-    example = test[0][0]
+    test = batches(bundle.test, bundle.collate, batch_size=64)
+    # Inductor's frozen int8 programs are compiled per input shape: score them one image at a time.
+    test_int8 = batches(bundle.test, bundle.collate, batch_size=1) if backend == "inductor" else test
+    example = test_int8[0][0][:1]
     calibration = [x for x, _ in batches(bundle.train, bundle.collate, CALIBRATION_BATCH, settings.calib_samples)]
     training = TrainingData(bundle.train, bundle.collate, settings.qat_steps, settings.qat_lr,
                             seed=spec.data["seed"] if spec.data else 0)
@@ -67,10 +69,10 @@ def quantize_artifact(
         with console.status("scoring fp32 and int8 on the test split, timing batch-1 latency"):
             acc_fp32 = accuracy(model, test)
             predict = q.predictor()
-            acc_int8 = accuracy(predict, test)
+            acc_int8 = accuracy(predict, test_int8)
             lat_fp32, lat_int8 = latency_ms(model, example), latency_ms(predict, example)
         report = {
-            "method": method, "backend": backend, "split": "test", "n": len(test), "threads": threads,
+            "method": method, "backend": backend, "split": "test", "n": len(bundle.test), "threads": threads,
             "calib_samples": sum(len(x) for x in calibration),
             "qat_steps": settings.qat_steps if method == "qat" else None,
             "accuracy_fp32": acc_fp32, "accuracy_quantized": acc_int8,
