@@ -14,6 +14,7 @@ import torch
 from fullchain.artifact import ModelSpec, read_spec, save_artifact
 from fullchain.config import DataConfig, OptimizeConfig
 from fullchain.data import build_data
+from fullchain.errors import UserError
 from fullchain.models import build_model, model_args_from_data
 from fullchain.train.trainer import Trainer
 
@@ -96,6 +97,24 @@ def test_ptq_inductor_converts_to_onednn_int8_kernels_and_the_saved_program_relo
     assert path.stat().st_size < 0.9 * (artifact / "model.safetensors").stat().st_size
 
 
+@pytest.mark.slow
+def test_inductor_int8_artifact_is_served_from_its_program_not_its_float_weights(artifact, bundle, tmp_path):
+    from fullchain.deploy.runtimes import load_runtime
+    from fullchain.optimize.quantize import load_program, quantize_artifact
+
+    out = tmp_path / "int8"
+    quantize_artifact(artifact, out, OptimizeConfig(quantize="ptq", backend="inductor", calib_samples=128))
+    served = load_runtime(out)
+    assert served.runtime.name == "torch"
+    batch = _images(bundle, 4, "test")
+    program = load_program(out, compile=False)
+    with torch.no_grad():
+        want = program(batch)
+    assert torch.allclose(torch.from_numpy(served.runtime(batch)), want, atol=0.05)
+    with pytest.raises(UserError, match="serve it with --runtime torch"):
+        load_runtime(out, "onnxruntime")
+
+
 def test_quantize_artifact_onnxruntime_writes_a_servable_qdq_int8_model(artifact, tmp_path):
     from fullchain.deploy.runtimes import load_runtime
     from fullchain.optimize.quantize import quantize_artifact
@@ -113,9 +132,16 @@ def test_quantize_artifact_onnxruntime_writes_a_servable_qdq_int8_model(artifact
 
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops  # the QDQ form ORT fuses into QLinearConv
-    served = load_runtime(out, "onnxruntime")
+    served = load_runtime(out)  # no runtime named: the int8 model's own, never the float weights beside it
+    assert served.runtime.name == "onnxruntime"
     logits = served.runtime(torch.zeros(2, 1, 28, 28))
     assert logits.shape == (2, 10)
+    with pytest.raises(UserError, match="serve it with --runtime onnxruntime"):
+        load_runtime(out, "torch")
+    from fullchain.evaluate import evaluate_artifact
+
+    scored = evaluate_artifact(out, split="test")  # ds evaluate scores the int8 model too
+    assert abs(scored["accuracy"] - report["accuracy_quantized"]) <= 0.005
 
 
 def test_guard_rejects_a_calibration_on_blank_images_and_writes_nothing(artifact, bundle, tmp_path):

@@ -3,7 +3,8 @@
 By default the artifact's own recipe (data config + seed in model.json, tokenizer.json beside it) rebuilds
 exactly the split the model was trained against, so the figures match the end of training. ``--data``
 scores a different set instead: a built-in name or a user file (csv, jsonl, npz, image folder); its labels
-are mapped onto the model's label names by name.
+are mapped onto the model's label names by name. An int8 artifact (`ds optimize --quantize`) is scored
+through the runtime `ds serve` would use for it, not through the float weights it also carries.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from fullchain.train.trainer import cross_entropy_loss
 
 USER_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".npz": "npz"}
 SPLITS = ("train", "val", "test", "all")
+
+
+class _RuntimeAsModule(torch.nn.Module):
+    """A serving runtime (ONNX Runtime session, compiled int8 program) seen as a module, so it can be scored."""
+
+    def __init__(self, runtime):
+        super().__init__()
+        self.runtime = runtime
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.runtime(x))
 
 
 class _RelabelledDataset(Dataset):
@@ -72,6 +84,10 @@ def evaluate_artifact(
 ) -> dict[str, Any]:
     """Score the artifact; returns accuracy, macro_f1, loss, n, the confusion matrix and label names."""
     model, spec = load_artifact(model_dir)
+    if spec.extra.get("quantize"):
+        from fullchain.deploy.runtimes import load_runtime
+
+        model = _RuntimeAsModule(load_runtime(model_dir).runtime)
     if split is not None and split not in SPLITS:
         raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
     if bundle is None:

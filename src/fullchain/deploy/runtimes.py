@@ -4,7 +4,9 @@
   `torch.inference_mode`;
 - the same directory with a `model.onnx` in it (written by `ds export`, or by `ds optimize --backend
   onnxruntime`): an ONNX Runtime session;
-- a bare `.onnx` file with model.json (and tokenizer.json for text) beside it.
+- a bare `.onnx` file with model.json (and tokenizer.json for text) beside it;
+- an int8 artifact from `ds optimize --quantize`: its `model.onnx` for the onnxruntime backend, its
+  `model.pt2` (compiled once per batch size) for the inductor backend, never its float weights.
 
 The preprocessing (tokenizer, label names, normalisation) always comes from the model.json next to the
 weights, so every runtime answers from the same inputs.
@@ -13,6 +15,7 @@ weights, so every runtime answers from the same inputs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fullchain.artifact import WEIGHTS, ModelSpec, load_artifact, load_tokenizer, read_spec
+from fullchain.artifact import META, WEIGHTS, ModelSpec, load_artifact, load_tokenizer, read_spec
 from fullchain.deploy.preprocess import Preprocessor
 from fullchain.errors import UserError
 
@@ -39,8 +42,8 @@ class Runtime(Protocol):
 class TorchRuntime:
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, threads: int | None = None):
-        self.model = model.eval()
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], threads: int | None = None):
+        self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         self.threads = threads or default_threads()
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
@@ -105,11 +108,26 @@ class LoadedModel:
         return self.spec.label_names
 
 
+def quantization_of(path: Path) -> dict[str, Any] | None:
+    """What `ds optimize --quantize` recorded in a directory's model.json (None for a float artifact)."""
+    return read_spec(path).extra.get("quantize") if path.is_dir() and (path / META).is_file() else None
+
+
 def resolve_runtime(path: Path, runtime: str | None) -> str:
-    """The runtime a path serves with when none is named: ONNX Runtime for a .onnx file, or for a directory
-    holding only `model.onnx` (a quantised ONNX artifact); torch otherwise."""
+    """The runtime a path serves with when none is named: ONNX Runtime for a .onnx file, for a directory
+    holding only `model.onnx`, or for an int8 artifact quantised for ONNX Runtime; torch otherwise.
+
+    An int8 artifact carries its float weights too (model.safetensors); serving those by accident would
+    silently drop the quantisation, so asking for the other runtime is an error."""
     if runtime is not None and runtime not in RUNTIMES:
         raise UserError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    quantized = quantization_of(path)
+    if quantized is not None:
+        native = "onnxruntime" if quantized.get("backend") == "onnxruntime" else "torch"
+        if runtime not in (None, native):
+            raise UserError(f"{path}: an int8 model quantised for the {quantized.get('backend')} backend; "
+                            f"serve it with --runtime {native}")
+        return native
     onnx_only = path.is_dir() and (path / ONNX_FILE).is_file() and not (path / WEIGHTS).is_file()
     return runtime or ("onnxruntime" if path.suffix == ".onnx" or onnx_only else "torch")
 
@@ -133,9 +151,13 @@ def load_runtime(path: str | Path, runtime: str | None = None, threads: int | No
     else:
         directory, onnx_path = path, path / ONNX_FILE
     spec = read_spec(directory)
-    if runtime == "torch":
+    if runtime == "torch" and quantization_of(directory) is not None:  # Inductor int8: the exported program
+        from fullchain.optimize.quantize import load_program
+
+        engine: Runtime = TorchRuntime(load_program(directory), threads)
+    elif runtime == "torch":
         model, _ = load_artifact(directory)
-        engine: Runtime = TorchRuntime(model, threads)
+        engine = TorchRuntime(model, threads)
     else:
         if not onnx_path.is_file():
             raise UserError(f"{directory}: no {ONNX_FILE}; write it with: ds export {directory} --format onnx")
