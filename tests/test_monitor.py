@@ -178,7 +178,8 @@ def test_unknown_metric_group_is_a_usage_error():
 
 
 def test_logs_analyze_a_real_run_then_one_with_nan_and_a_restart(tmp_path):
-    assert run([*DS, "run", write_run(tmp_path)]).returncode == 0
+    # 30 one-millisecond steps: any checkpoint is a real share of such a run; this one is about the loss log
+    assert run([*DS, "run", write_run(tmp_path), "--set", "checkpoint.enabled=false"]).returncode == 0
     run_dir = tmp_path / "runs" / "t"
     summary = json.loads((run_dir / "summary.json").read_text())  # ds run writes the run's report itself
     assert summary["monitor"]["report"] == str(run_dir / "report.html")
