@@ -13,7 +13,6 @@ once per contender on the test split (the official 10k test images in the full s
 from __future__ import annotations
 
 import copy
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from fullchain.bench.harness import BenchRecord, alternate, paired_ratio, summar
 from fullchain.config import DataConfig, ScheduleConfig, TrainConfig
 from fullchain.data import build_data
 from fullchain.models import build_model, model_args_from_data
+from fullchain.optimize.measure import latency_samples, median_p99_ms
 from fullchain.optimize.quantize.flow import TrainingData, finetune_qat, quantize_model
 from fullchain.optimize.quantize.guard import drop_points
 from fullchain.optimize.quantize.measure import accuracy, batches
@@ -80,14 +80,9 @@ def _fused(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
 
 @torch.no_grad()
 def _round(predict: Predict, example: torch.Tensor, calls: int) -> dict[str, float]:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        predict(example)
-        times.append(1000 * (time.perf_counter() - start))
-    times.sort()
-    return {"latency_ms": statistics.median(times), "p99_ms": times[min(calls - 1, int(0.99 * calls))],
-            "images_per_s": 1000 * calls / sum(times)}
+    samples = latency_samples(lambda: predict(example), calls, warmup=0)
+    median, p99 = median_p99_ms(samples)
+    return {"latency_ms": median, "p99_ms": p99, "images_per_s": calls / sum(samples)}
 
 
 def _contenders(model, example, calibration, training, s, work: Path) -> tuple[dict[str, Contender], dict]:

@@ -89,3 +89,9 @@ def latency_samples(fn: Callable[[], object], repeats: int, warmup: int = 2,
 
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
+
+
+def median_p99_ms(samples: list[float]) -> tuple[float, float]:
+    """Median and 99th percentile (nearest rank) of latency samples in seconds, as milliseconds."""
+    ms = sorted(s * 1e3 for s in samples)
+    return statistics.median(ms), ms[min(len(ms) - 1, int(0.99 * len(ms)))]

@@ -6,13 +6,13 @@ so everything here takes a `predict` function and fixed batches, which keeps the
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from fullchain.optimize.measure import latency_samples, median_p99_ms
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,15 +36,8 @@ def accuracy(predict: Predict, data: Iterable[tuple[torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def latency_ms(predict: Predict, example: torch.Tensor, repeats: int = 200, warmup: int = 20) -> dict[str, float]:
     """Median and p99 of single calls on `example` (batch 1 for the real-time figure), in milliseconds."""
-    for _ in range(warmup):
-        predict(example)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        predict(example)
-        times.append(1000 * (time.perf_counter() - start))
-    times.sort()
-    return {"median": statistics.median(times), "p99": times[min(len(times) - 1, int(0.99 * len(times)))]}
+    median, p99 = median_p99_ms(latency_samples(lambda: predict(example), repeats, warmup))
+    return {"median": median, "p99": p99}
 
 
 def size_bytes(*paths: Path) -> int:
