@@ -108,7 +108,7 @@ def _timed(fn: Callable, x: torch.Tensor) -> Callable[[], dict[str, float]]:
 
 
 def _measure_case(case: Case, contenders: list[str], dtype: torch.dtype, device: torch.device, repeats: int,
-                  optimized: dict[str, nn.Module], eager_models: dict[str, nn.Module]) -> tuple[dict, dict, dict]:
+                  optimized: dict[str, nn.Module], eager_models: dict[str, nn.Module]) -> tuple[dict, dict]:
     """Latency rounds, peak memory and parity of every contender at one shape."""
     x = _inputs(case, device, dtype)
     eager = eager_models[case.model]
@@ -134,7 +134,7 @@ def _measure_case(case: Case, contenders: list[str], dtype: torch.dtype, device:
             }
             if name in compile_s:
                 extra[name]["compile_s"] = round(compile_s[name], 2)
-    return rounds, extra, compile_s
+    return rounds, extra
 
 
 def _mb(nbytes: int | None) -> float | None:
@@ -162,7 +162,7 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     ratios: dict[str, float] = {}
     parity_ok = True
     for case in cases:
-        rounds, extra, _ = _measure_case(case, contenders, dtype, dev, repeats, optimized, eager_models)
+        rounds, extra = _measure_case(case, contenders, dtype, dev, repeats, optimized, eager_models)
         summary = summarise(rounds)
         for name in contenders:
             results[f"{case.key}/{name}"] = {**summary[name], **extra[name]}

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_model
 
-from fullchain.artifact import META, TOKENIZER, ModelSpec, load_artifact, sample_inputs
+from fullchain.artifact import META, TOKENIZER, ModelSpec, load_artifact, read_spec, sample_inputs
 from fullchain.config import OptimizeConfig
 from fullchain.errors import UserError
 from fullchain.optimize.manager import PassManager, PassRolledBack
@@ -64,9 +64,8 @@ def optimize_artifact(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise UserError(f"--out {out_dir}: must differ from the model directory (the original is kept)")
-    model, spec = load_artifact(model_dir)
-    _check_source(model_dir, spec)
-    if settings.quantize != "none":
+    _check_source(model_dir, read_spec(model_dir))
+    if settings.quantize != "none":  # quantisation loads the fp32 model itself
         from fullchain.optimize.quantize import quantize_artifact
 
         section = quantize_artifact(model_dir, out_dir, settings, console, bundle=bundle)
@@ -74,6 +73,7 @@ def optimize_artifact(
         (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         return report
 
+    model, spec = load_artifact(model_dir)
     parity_inputs = (sample_inputs(spec, batch=3, length=min(spec.input.get("max_length") or 64, 64)),)
     with torch.no_grad():
         reference = model(*parity_inputs)
