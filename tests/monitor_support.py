@@ -37,7 +37,7 @@ def digits_trainer(sleep_s: float, steps: int, callbacks=(), batch_size: int = 1
     data = SlowDataset(bundle.train, sleep_s) if sleep_s else bundle.train
     return Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, None,
                    {"max_steps": steps, "batch_size": batch_size, "log_every": 2, "progress": False,
-                    "tensorboard": False}, callbacks=list(callbacks), collate_fn=bundle.collate, **trainer_kwargs)
+                    "tensorboard": False}, callbacks=list(callbacks), task=bundle.task, **trainer_kwargs)
 
 
 class TrainingInThread:

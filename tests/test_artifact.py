@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from fullchain.artifact import ModelSpec, load_artifact, read_spec, save_artifact
+from fullchain.artifact import ArtifactMeta, load_artifact, read_meta, save_artifact
 from fullchain.errors import UserError
 from fullchain.models import build_model
 
 
 def spec_for(name, args):
-    return ModelSpec(builder={"name": name}, args=args, input={"kind": "lm"}, label_names=[])
+    return ArtifactMeta(builder={"name": name}, args=args, input={"kind": "lm"}, label_names=[])
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_weights_from_another_architecture_name_the_mismatched_keys(tmp_path):
 
 def test_not_an_artifact(tmp_path):
     with pytest.raises(UserError, match="not a model artifact"):
-        read_spec(tmp_path)
+        read_meta(tmp_path)
     (tmp_path / "model.json").write_text("{broken")
     with pytest.raises(UserError, match="invalid JSON"):
-        read_spec(tmp_path)
+        read_meta(tmp_path)

@@ -25,6 +25,7 @@ from fullchain.train.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointWarning,
+    NoValidCheckpoint,
     TrainingState,
     capture_rng_state,
     restore_rng_state,
@@ -308,6 +309,8 @@ def corrupt(path: Path, how: str) -> None:
         (path / "meta.json").write_text('{"format": ')
     elif how == "no-file":
         (path / "optimizer.safetensors").unlink()
+    elif how == "unlisted":  # a file meta.json does not list: it would be loaded unverified
+        (path / "trainer.safetensors").write_bytes((path / "model.safetensors").read_bytes())
 
 
 @pytest.mark.parametrize(("how", "message"), [
@@ -316,6 +319,7 @@ def corrupt(path: Path, how: str) -> None:
     ("no-meta", "missing meta.json"),
     ("bad-json", "meta.json is not valid JSON"),
     ("no-file", "missing file optimizer.safetensors"),
+    ("unlisted", "files not listed in meta.json: trainer.safetensors"),
 ])
 def test_a_corrupt_checkpoint_is_skipped_with_a_warning(tmp_path, how, message):
     model, opt = mlp(0)
@@ -336,6 +340,75 @@ def test_a_corrupt_checkpoint_is_skipped_with_a_warning(tmp_path, how, message):
     with pytest.warns(CheckpointWarning):
         assert Checkpointer(tmp_path).latest_valid() is None
     ckpt.close()
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def set_aside(directory: Path, step: int) -> list[Path]:
+    return sorted(directory.glob(f"corrupt-step-{step:06d}-*"))
+
+
+def three_checkpoints(directory: Path) -> None:
+    model, opt = mlp(0)
+    ckpt = Checkpointer(directory, keep_last=3)
+    for step in (1, 2, 3):
+        train(model, opt, 1, seed=step)
+        ckpt.save(step, state_of(model, opt, step))
+    ckpt.close()
+
+
+def test_resume_point_moves_the_invalid_ones_it_passes_aside(tmp_path):
+    three_checkpoints(tmp_path)
+    corrupt(tmp_path / "step-000003", "unlisted")
+    before = tree_bytes(tmp_path / "step-000003")
+    with pytest.warns(CheckpointWarning, match=r"step-000003 does not verify \(files not listed in meta.json: "
+                                               r"trainer.safetensors\); moved aside to .*corrupt-step-000003-"):
+        assert Checkpointer(tmp_path).resume_point() == tmp_path / "step-000002"
+    (moved,) = set_aside(tmp_path, 3)
+    assert tree_bytes(moved) == before and steps_in(tmp_path) == [1, 2]
+
+
+def test_resume_point_refuses_when_none_verifies_and_changes_nothing(tmp_path):
+    three_checkpoints(tmp_path)
+    for step, how in ((1, "flip"), (2, "no-meta"), (3, "unlisted")):
+        corrupt(tmp_path / f"step-{step:06d}", how)
+    everything, each = tree_bytes(tmp_path), {s: tree_bytes(tmp_path / f"step-{s:06d}") for s in (1, 2, 3)}
+    with pytest.raises(NoValidCheckpoint, match=r"step-000003 \(files not listed.*step-000002 \(missing meta.json.*"
+                                                r"step-000001 \(checksum mismatch.*allow_fresh=True"):
+        Checkpointer(tmp_path).resume_point()
+    assert tree_bytes(tmp_path) == everything
+    with pytest.warns(CheckpointWarning, match="moved aside"):
+        assert Checkpointer(tmp_path).resume_point(allow_fresh=True) is None
+    assert steps_in(tmp_path) == []
+    assert {s: [tree_bytes(p) for p in set_aside(tmp_path, s)] for s in each} == {s: [b] for s, b in each.items()}
+    assert Checkpointer(tmp_path).resume_point() is None  # what was moved aside is no checkpoint any more
+
+
+def test_retention_neither_counts_nor_deletes_an_invalid_checkpoint(tmp_path):
+    three_checkpoints(tmp_path)
+    corrupt(tmp_path / "step-000001", "truncate")
+    before = tree_bytes(tmp_path / "step-000001")
+    ckpt = Checkpointer(tmp_path, keep_last=1)
+    ckpt.load(ckpt.resume_point())
+    with pytest.warns(CheckpointWarning, match=r"step-000001 does not verify .*retention neither counts nor deletes"):
+        ckpt.save(4, TrainingState({"w": torch.ones(2)}, None, {"step": 4}))
+        ckpt.save(5, TrainingState({"w": torch.ones(2)}, None, {"step": 5}))
+        ckpt.close()
+    assert steps_in(tmp_path) == [1, 5] and tree_bytes(tmp_path / "step-000001") == before
+
+
+def test_a_save_never_replaces_an_invalid_checkpoint_of_its_step(tmp_path):
+    three_checkpoints(tmp_path)
+    corrupt(tmp_path / "step-000003", "flip")
+    before = tree_bytes(tmp_path / "step-000003")
+    ckpt = Checkpointer(tmp_path, async_save=False)  # a fresh run (no resume) that reaches step 3 again
+    with pytest.warns(CheckpointWarning, match=r"step-000003 does not verify \(checksum mismatch.*moved aside"):
+        ckpt.save(3, TrainingState({"w": torch.ones(2)}, None, {"step": 3}))
+    ckpt.close()
+    (moved,) = set_aside(tmp_path, 3)
+    assert tree_bytes(moved) == before and ckpt.verify(tmp_path / "step-000003") == []
 
 
 # ---- failing saves -------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_help_lists_the_stage_commands():
     ("train", "expected"),
     [
         ({"max_steps": 5, "learning_rate": 0.1}, "run.yaml: train: unknown key 'learning_rate'"),
-        ({"max_steps": "five"}, "run.yaml: train.max_steps: expected int, got 'five'"),
+        ({"max_steps": "five"}, "run.yaml: train.max_steps: expected an integer, got the string 'five'"),
         ({"precision": "fp8"}, "run.yaml: train.precision: 'fp8' is not one of fp32, bf16, fp16"),
     ],
 )

@@ -19,14 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fullchain.distributed.compression import (
-    Int8HookState,
-    chunk_layout,
-    int8_allreduce_,
-    register_compression,
-    ring_allreduce_bytes,
-)
-from fullchain.distributed.hierarchical import CommStats, build_topology, hierarchical_allreduce_
+from fullchain.distributed.comm.counters import CommStats, ring_allreduce_bytes
+from fullchain.distributed.comm.hierarchical import build_topology, hierarchical_allreduce_
+from fullchain.distributed.comm.int8 import Int8HookState, int8_allreduce_
+from fullchain.distributed.comm.int8_codec import chunk_layout
+from fullchain.distributed.comm.register import register_compression
 
 DEADLINE_S = 75
 

@@ -44,7 +44,7 @@ def test_unknown_key_is_rejected_with_its_path(tmp_path):
 
 def test_wrong_type_names_the_field(tmp_path):
     path = write(tmp_path, {**MINIMAL, "train": {"max_steps": "many"}})
-    with pytest.raises(UserError, match=r"train.max_steps: expected int, got 'many'"):
+    with pytest.raises(UserError, match=r"train.max_steps: expected an integer, got the string 'many'"):
         load_config(path)
 
 

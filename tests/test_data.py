@@ -19,7 +19,7 @@ from fullchain.data import build_data
 from fullchain.data.images import FASHION_MNIST_DIR, FASHION_MNIST_ENV
 from fullchain.data.splits import deduplicate, fraction_size, plan_official_splits, plan_splits, text_key
 from fullchain.data.text import headline, read_bbc_news
-from fullchain.data.tokenizer import train_tokenizer
+from fullchain.data.tokenizer import TextEncoding, train_tokenizer
 from fullchain.errors import MissingDatasetError, UserError
 
 BBC_ARTICLES, BBC_DUPLICATES = 2225, 101
@@ -34,8 +34,12 @@ def split_sizes(bundle) -> list[int]:
     return [len(bundle.train), 0 if bundle.val is None else len(bundle.val), len(bundle.test)]
 
 
+def first_input(sample: dict) -> torch.Tensor:
+    return next(v for k, v in sample.items() if k != "labels")
+
+
 def all_inputs(dataset) -> list[torch.Tensor]:
-    return [dataset[i][0] for i in range(len(dataset))]
+    return [first_input(dataset[i]) for i in range(len(dataset))]
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +84,18 @@ def test_bbc_news_splits_share_no_article():
 
 def test_bbc_news_token_ids(bbc):
     vocab_size = bbc.input_spec["vocab_size"]
-    assert bbc.tokenizer.token_to_id("[PAD]") == 0 == bbc.preprocessing["pad_id"]
-    assert vocab_size == bbc.tokenizer.get_vocab_size() <= 8000
+    assert bbc.encoder.tokenizer.token_to_id("[PAD]") == 0 == bbc.preprocessing["pad_id"]
+    assert vocab_size == bbc.encoder.vocab_size <= 8000
     for dataset in (bbc.train, bbc.val, bbc.test):
         for ids in all_inputs(dataset):
             assert ids.dtype == torch.long and ids.ndim == 1
             assert 0 < len(ids) <= 256
             assert int(ids.min()) > 0 and int(ids.max()) < vocab_size
-    x, y = bbc.collate([bbc.train[0], bbc.train[1], bbc.train[2]])
+    batch = bbc.collate([bbc.train[0], bbc.train[1], bbc.train[2]])
+    x, y = batch["input_ids"], batch["labels"]
     assert x.shape[0] == 3 and y.shape == (3,) and y.dtype == torch.long
+    lengths = torch.tensor([len(bbc.train[i]["input_ids"]) for i in range(3)])
+    assert torch.equal(batch["attention_mask"].sum(1), lengths)
     assert json.loads(json.dumps(bbc.preprocessing)) == bbc.preprocessing
 
 
@@ -106,9 +113,9 @@ def test_bbc_news_same_seed_same_split(bbc):
 
 def test_a_given_tokenizer_is_reused(bbc):
     """Evaluation rebuilds the data from the saved tokenizer.json: ids must not change."""
-    saved = Tokenizer.from_str(bbc.tokenizer.to_str())
-    rebuilt = build_data(DataConfig(name="bbc_news"), seed=0, tokenizer=saved)
-    assert rebuilt.tokenizer is saved
+    saved = Tokenizer.from_str(bbc.encoder.tokenizer.to_str())
+    rebuilt = build_data(DataConfig(name="bbc_news"), seed=0, encoding=TextEncoding(saved, 256))
+    assert rebuilt.encoder.tokenizer is saved
     assert all(torch.equal(a, b) for a, b in zip(all_inputs(bbc.test), all_inputs(rebuilt.test), strict=True))
 
 
@@ -134,7 +141,7 @@ def test_literal_pad_in_text_is_not_padding(tmp_path, bbc_rows):
 def test_bpe_tokenizer(bbc):
     cfg = DataConfig(name="bbc_news", max_samples=200, tokenizer={"kind": "bpe", "vocab_size": 1000})
     bundle = build_data(cfg, seed=0)
-    assert bundle.tokenizer.token_to_id("[PAD]") == 0
+    assert bundle.encoder.tokenizer.token_to_id("[PAD]") == 0
     ids = all_inputs(bundle.train)
     assert all(0 < int(x.min()) and int(x.max()) < bundle.input_spec["vocab_size"] for x in ids)
     assert bundle.preprocessing["tokenizer"] == "bpe"
@@ -149,7 +156,8 @@ def test_lm_text_blocks_are_shifted_by_one():
     assert bundle.kind == "lm" and bundle.label_names == [] and bundle.val is None
     assert bundle.input_spec["max_length"] == 32
     for dataset in (bundle.train, bundle.test):
-        x, y = dataset[len(dataset) // 2]
+        sample = dataset[len(dataset) // 2]
+        x, y = sample["input_ids"], sample["labels"]
         assert x.shape == y.shape == (32,)
         assert torch.equal(x[1:], y[:-1])
         assert int(x.max()) < bundle.input_spec["vocab_size"]
@@ -164,7 +172,7 @@ def test_fashion_mnist_uses_the_official_test_set():
     bundle = build_data(DataConfig(name="fashion_mnist"), seed=0)
     assert bundle.kind == "image" and bundle.label_names[0] == "T-shirt/top" and bundle.num_classes == 10
     assert len(bundle.test) == 10_000 and len(bundle.train) + len(bundle.val) == 60_000
-    x, y = bundle.test[0]
+    x, y = bundle.test[0]["pixel_values"], bundle.test[0]["labels"]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.long
     spec = bundle.input_spec
     assert (spec["channels"], spec["height"], spec["width"], spec["num_classes"]) == (1, 28, 28, 10)
@@ -183,10 +191,11 @@ def test_digits():
     bundle = build_data(DataConfig(name="digits"), seed=0)
     assert bundle.label_names == [str(i) for i in range(10)]
     assert sum(split_sizes(bundle)) == 1797
-    assert bundle.train[0][0].shape == (1, 8, 8)
+    assert bundle.train[0]["pixel_values"].shape == (1, 8, 8)
     assert len(bundle.preprocessing["mean"]) == 1
     assert json.loads(json.dumps(bundle.preprocessing)) == bundle.preprocessing
-    x, y = bundle.collate([bundle.train[0], bundle.train[1]])
+    batch = bundle.collate([bundle.train[0], bundle.train[1]])
+    x, y = batch["pixel_values"], batch["labels"]
     assert x.shape == (2, 1, 8, 8) and y.shape == (2,)
 
 
@@ -254,14 +263,14 @@ def test_image_folder(tmp_path):
             )
     bundle = build_data(DataConfig(name="image_folder", path=str(tmp_path / "imgs")), seed=0)
     assert bundle.label_names == ["digit0", "digit1", "digit2"]
-    assert bundle.train[0][0].shape == (1, 8, 8)
+    assert first_input(bundle.train[0]).shape == (1, 8, 8)
     assert bundle.preprocessing["color_mode"] == "L"
 
     write_png(tmp_path / "imgs" / "digit2" / "zz_colour.png", np.full((12, 10, 3), 200, dtype=np.uint8))
     with pytest.raises(UserError, match=r"zz_colour\.png: image is 10x12.*data\.image_size"):
         build_data(DataConfig(name="image_folder", path=str(tmp_path / "imgs")), seed=0)
     resized = build_data(DataConfig(name="image_folder", path=str(tmp_path / "imgs"), image_size=16), seed=0)
-    assert resized.train[0][0].shape == (3, 16, 16) and resized.preprocessing["color_mode"] == "RGB"
+    assert first_input(resized.train[0]).shape == (3, 16, 16) and resized.preprocessing["color_mode"] == "RGB"
     assert len(resized.preprocessing["mean"]) == 3
 
 
@@ -273,13 +282,13 @@ def test_npz_features_images_and_errors(tmp_path):
     np.savez(tmp_path / "features.npz", x=digits.data, y=digits.target, label_names=names)
     features = build_data(DataConfig(name="npz", path=str(tmp_path / "features.npz")), seed=0)
     assert features.kind == "features" and features.label_names[3] == "digit 3"
-    assert features.input_spec["num_features"] == 64 and features.train[0][0].shape == (64,)
+    assert features.input_spec["num_features"] == 64 and first_input(features.train[0]).shape == (64,)
     assert len(features.preprocessing["mean"]) == 64
     assert json.loads(json.dumps(features.preprocessing)) == features.preprocessing
 
     np.savez(tmp_path / "images.npz", x=digits.images.astype(np.uint8), y=digits.target)
     images = build_data(DataConfig(name="npz", path=str(tmp_path / "images.npz")), seed=0)
-    assert images.kind == "image" and images.train[0][0].shape == (1, 8, 8)
+    assert images.kind == "image" and first_input(images.train[0]).shape == (1, 8, 8)
 
     np.savez(tmp_path / "nolabels.npz", x=digits.data)
     with pytest.raises(UserError, match=r"nolabels\.npz: no array 'y'"):

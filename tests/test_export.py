@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fullchain.artifact import ModelSpec, sample_inputs
 from fullchain.config import validate_config
 from fullchain.deploy import tensorrt
-from fullchain.deploy.export import ExportReport, check_parity, export_onnx
-from fullchain.deploy.runtimes import OnnxRuntime
 from fullchain.models import build_model
+from fullchain.runtime import OnnxRuntime
+from fullchain.runtime.onnx import ExportReport, check_parity, export_onnx
+from fullchain.tasks import Task, task_for
 
 TEXT_INPUT = {"kind": "text", "vocab_size": 300, "max_length": 64, "num_classes": 4, "pad_id": 0}
 REFERENCE_MODELS = {
@@ -31,30 +31,34 @@ REFERENCE_MODELS = {
 }
 
 
-def spec_for(name: str) -> tuple[torch.nn.Module, ModelSpec]:
+def model_and_task(name: str) -> tuple[torch.nn.Module, Task]:
     args, inp = REFERENCE_MODELS[name]
     torch.manual_seed(0)
-    return build_model(name=name, args=args).eval(), ModelSpec(builder={"name": name}, args=args, input=inp)
+    return build_model(name=name, args=args).eval(), task_for(inp, ["a", "b", "c", "d"])
+
+
+def export(model: torch.nn.Module, task: Task, path: Path, inputs, **kwargs):
+    return export_onnx(model, inputs, path, task.input_names, task.dynamic_dims(), **kwargs)
 
 
 @pytest.mark.parametrize("name", list(REFERENCE_MODELS))
 def test_reference_model_exports_with_dynamo_and_matches_torch_at_other_shapes(name, tmp_path):
-    model, spec = spec_for(name)
-    other = sample_inputs(spec, batch=7, length=50, seed=3)
-    report = export_onnx(model, sample_inputs(spec, batch=3), tmp_path / "model.onnx", check_with=[other])
+    model, task = model_and_task(name)
+    other = task.example_inputs(7, length=50, seed=3)
+    report = export(model, task, tmp_path / "model.onnx", task.example_inputs(3), check_with=[other])
     assert report.exporter == "dynamo", report.notes
     assert report.parity_ok, report.max_abs_error
-    assert report.checked_shapes[1] == list(other.shape)
-    got = OnnxRuntime(tmp_path / "model.onnx")(other)
+    assert report.checked_shapes[1] == [list(x.shape) for x in other]
+    got = OnnxRuntime(tmp_path / "model.onnx")(*other)
     with torch.inference_mode():
-        expected = model(other).numpy()
+        expected = model(*other).numpy()
     assert np.array_equal(got.argmax(-1), expected.argmax(-1))
 
 
 def test_parity_check_catches_a_model_that_differs(tmp_path):
-    model, spec = spec_for("mlp")
-    x = sample_inputs(spec, batch=4)
-    assert export_onnx(model, x, tmp_path / "model.onnx").parity_ok
+    model, task = model_and_task("mlp")
+    x = task.example_inputs(4)
+    assert export(model, task, tmp_path / "model.onnx", x).parity_ok
     with torch.no_grad():
         model.head.bias.add_(0.01)  # the ONNX file no longer matches these weights
     report = ExportReport(str(tmp_path / "model.onnx"), "dynamo", True, None)
@@ -108,22 +112,21 @@ def _has_tensorrt_module() -> bool:
 
 
 def test_trtexec_flags_follow_the_tensorrt_major_version():
-    spec = ModelSpec(builder={"name": "transformer"}, args={}, input=TEXT_INPUT)
-    shapes = tensorrt.shape_ranges(spec)
-    assert shapes == {"min": [1, 1], "opt": [8, 64], "max": [64, 64]}
+    shapes = tensorrt.shape_ranges(task_for(TEXT_INPUT, ["a"], ["input_ids", "attention_mask"]))
+    assert shapes["input_ids"] == shapes["attention_mask"] == {"min": [1, 1], "opt": [8, 64], "max": [64, 64]}
     v10, notes10 = tensorrt.trtexec_command("trtexec", 10, Path("m.onnx"), Path("m.engine"), shapes, fp16=True)
     assert "--fp16" in v10 and "--memPoolSize=workspace:1024M" in v10 and not notes10
-    assert "--minShapes=input:1x1" in v10 and "--maxShapes=input:64x64" in v10
+    assert "--minShapes=input_ids:1x1,attention_mask:1x1" in v10 and "--maxShapes=input_ids:64x64" in " ".join(v10)
     assert not any(flag.startswith("--workspace=") for flag in v10)  # removed in TensorRT 10
     v11, notes11 = tensorrt.trtexec_command("trtexec", 11, Path("m.onnx"), Path("m.engine"), shapes, fp16=True)
     assert "--fp16" not in v11 and "strongly typed" in notes11[0]
 
 
 def test_static_batch_export_still_answers_any_batch_size(tmp_path):
-    model, spec = spec_for("cnn")
-    report = export_onnx(model, sample_inputs(spec, batch=1), tmp_path / "model.onnx", dynamic_batch=False)
+    model, task = model_and_task("cnn")
+    report = export_onnx(model, task.example_inputs(1), tmp_path / "model.onnx", task.input_names, None)
     runtime = OnnxRuntime(tmp_path / "model.onnx")
     assert report.parity_ok and runtime.static_batch == 1
-    x = sample_inputs(spec, batch=5, seed=4)
+    x = task.example_inputs(5, seed=4)
     with torch.inference_mode():
-        assert np.allclose(runtime(x), model(x).numpy(), atol=1e-4)
+        assert np.allclose(runtime(*x), model(*x).numpy(), atol=1e-4)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fullchain.artifact import ModelSpec, read_spec, save_artifact
+from fullchain.artifact import ArtifactMeta, read_meta, save_artifact
 from fullchain.config import DataConfig, OptimizeConfig
 from fullchain.data import build_data
 from fullchain.errors import UserError
@@ -39,7 +39,7 @@ def artifact(bundle, tmp_path_factory):
     Trainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), bundle.train,
             config={"max_steps": 80, "batch_size": 64, "progress": False, "tensorboard": False, "device": "cpu"},
             collate_fn=bundle.collate).fit()
-    spec = ModelSpec(builder={"name": "cnn"}, args=args, input={"kind": bundle.kind, **bundle.input_spec},
+    spec = ArtifactMeta(builder={"name": "cnn"}, args=args, input={"kind": bundle.kind, **bundle.input_spec},
                      label_names=bundle.label_names, data={"config": DATA.model_dump(mode="json"), "seed": 0})
     return save_artifact(tmp_path_factory.mktemp("fp32") / "model", model.eval(), spec)
 
@@ -52,21 +52,21 @@ def _model(artifact):
 
 def _images(bundle, n, split="train"):
     data = getattr(bundle, split)
-    return torch.stack([data[i][0] for i in range(n)])
+    return torch.stack([data[i]["pixel_values"] for i in range(n)])
 
 
 def test_qat_graph_holds_fake_quantizers_and_trainer_steps_update_their_scales(artifact, bundle):
     from fullchain.optimize.quantize import pt2e, qat
 
     example = _images(bundle, 2)
-    prepared = pt2e.prepare_qat(_model(artifact), example)
+    prepared = pt2e.prepare_qat(_model(artifact), (example,))
     fake_quant = pt2e.fake_quant_modules(prepared)
     assert len(fake_quant) >= 10 and all("FakeQuantize" in type(m).__name__ for m in fake_quant.values())
     assert sum(n.op == "call_module" and n.target in fake_quant for n in prepared.graph.nodes) >= 10
     before = {name: m.scale.clone() for name, m in fake_quant.items()}
     weights_before = prepared.state_dict()["stem.0.weight"].clone()
 
-    prepared, trainer = qat.finetune(_model(artifact), example, bundle.train, bundle.collate, steps=5, lr=1e-3)
+    prepared, trainer = qat.finetune(_model(artifact), (example,), bundle.train, bundle.collate, steps=5, lr=1e-3)
     assert trainer.step == 5
     fake_quant = pt2e.fake_quant_modules(prepared)
     changed = [name for name, m in fake_quant.items() if not torch.equal(m.scale, before[name])]
@@ -79,14 +79,14 @@ def test_ptq_inductor_converts_to_onednn_int8_kernels_and_the_saved_program_relo
 
     model = _model(artifact)
     x = _images(bundle, 1, "test")
-    converted = pt2e.quantize_ptq(model, x, [_images(bundle, 128)])
+    converted = pt2e.quantize_ptq(model, (x,), [(_images(bundle, 128),)])
     ops = pt2e.graph_ops(converted)
     assert "quantized_decomposed.quantize_per_tensor.default" in ops
-    kernels = pt2e.int8_kernels(converted, x)
+    kernels = pt2e.int8_kernels(converted, (x,))
     assert "onednn.qconv_pointwise.default" in kernels and "onednn.qlinear_pointwise.default" in kernels
     assert "onednn.qconv2d_pointwise.binary" in kernels  # the residual add fused into the int8 conv
 
-    path = pt2e.save_program(converted, x, tmp_path / "model.pt2")
+    path = pt2e.save_program(converted, (x,), tmp_path / "model.pt2")
     program = load_program(tmp_path)  # compiled with Inductor freezing
     batch = _images(bundle, 16, "test")
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_ptq_inductor_converts_to_onednn_int8_kernels_and_the_saved_program_relo
 
 @pytest.mark.slow
 def test_inductor_int8_artifact_is_served_from_its_program_not_its_float_weights(artifact, bundle, tmp_path):
-    from fullchain.deploy.runtimes import load_runtime
+    from fullchain.artifact import load as load_runtime
     from fullchain.optimize.quantize import load_program, quantize_artifact
 
     out = tmp_path / "int8"
@@ -116,7 +116,7 @@ def test_inductor_int8_artifact_is_served_from_its_program_not_its_float_weights
 
 
 def test_quantize_artifact_onnxruntime_writes_a_servable_qdq_int8_model(artifact, tmp_path):
-    from fullchain.deploy.runtimes import load_runtime
+    from fullchain.artifact import load as load_runtime
     from fullchain.optimize.quantize import quantize_artifact
 
     out = tmp_path / "int8"
@@ -125,7 +125,7 @@ def test_quantize_artifact_onnxruntime_writes_a_servable_qdq_int8_model(artifact
     assert report["drop_points"] <= 1.0 and report["accuracy_quantized"] > 0.5
     assert report["size_bytes"]["int8"] < 0.5 * report["size_bytes"]["fp32"]
     assert report["latency_ms"]["int8"]["median"] > 0 and report["n"] == 400
-    spec = read_spec(out)
+    spec = read_meta(out)
     assert spec.extra["quantize"]["method"] == "ptq" and spec.extra["quantize"]["file"] == "model.onnx"
 
     import onnx
@@ -152,8 +152,8 @@ def test_guard_rejects_a_calibration_on_blank_images_and_writes_nothing(artifact
             return len(bundle.train)
 
         def __getitem__(self, i):
-            x, y = bundle.train[i]
-            return torch.zeros_like(x), y
+            sample = bundle.train[i]
+            return {**sample, "pixel_values": torch.zeros_like(sample["pixel_values"])}
 
     broken = dataclasses.replace(bundle, train=Blank())
     out = tmp_path / "int8"

@@ -1,11 +1,14 @@
 """Resume is bit-exact: stopped mid-epoch (with accumulation and dropout) and resumed equals uninterrupted.
 
 Real data (scikit-learn digits), real signals, real processes: a SIGTERM'd `ds train`, and a 2-rank torchrun
-group with one worker SIGKILLed that finishes by itself.
+group with one worker SIGKILLed that finishes by itself. `ds train --resume auto` over checkpoints that cannot
+be read, are corrupt or hold unlisted files: skipped and moved aside, or refused before training, never lost.
 """
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,12 +87,12 @@ def test_resume_refuses_a_different_batch_layout(digits, tmp_path):
         second.fit()
 
 
-def run_file(tmp_path: Path, **train) -> Path:
+def run_file(tmp_path: Path, checkpoint: dict | None = None, hidden: list[int] = (256, 256), **train) -> Path:
     raw = {"name": "r", "runs_dir": str(tmp_path / "runs"), "seed": 0,
-           "model": {"name": "mlp", "args": {"hidden": [256, 256], "dropout": 0.0}},
+           "model": {"name": "mlp", "args": {"hidden": list(hidden), "dropout": 0.0}},
            "data": {"name": "digits", "val_fraction": 0.0},
            "train": {"batch_size": 16, "progress": False, "tensorboard": False, "log_every": 5, **train},
-           "checkpoint": {"every_steps": 200, "keep_last": 3}}
+           "checkpoint": checkpoint or {"every_steps": 200, "keep_last": 3}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -167,3 +170,144 @@ def test_torchrun_worker_sigkill_restarts_and_matches_uninterrupted(tmp_path, co
     assert resumes and resumes[0]["restart_count"] >= 1 and resumes[0]["step"] >= 200
     ref_w, got_w = final_weights(a / "runs" / "r"), final_weights(b / "runs" / "r")
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+
+# ---- checkpoints that cannot be trusted ----------------------------------------------------------
+
+DS_TRAIN = [sys.executable, "-m", "fullchain.cli", "train"]
+
+
+def small_run(root: Path, **train) -> Path:
+    """A small digits MLP, 40 steps, a checkpoint every 10 steps, all four kept."""
+    return run_file(root, checkpoint={"every_steps": 10, "keep_last": 4}, hidden=[32], max_steps=40, **train)
+
+
+@pytest.fixture(scope="module")
+def four_checkpoints(tmp_path_factory) -> Path:
+    """checkpoints/ of a finished 40-step run: step-000010 ... step-000040."""
+    root = tmp_path_factory.mktemp("base")
+    done = subprocess.run([*DS_TRAIN, small_run(root)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return root / "runs" / "r" / "checkpoints"
+
+
+@pytest.fixture
+def checkpoints(four_checkpoints, tmp_path) -> Path:
+    """A copy of the four checkpoints in this test's run directory (no metrics, no model yet)."""
+    return Path(shutil.copytree(four_checkpoints, tmp_path / "runs" / "r" / "checkpoints"))
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def set_aside(checkpoints: Path, step: int) -> list[Path]:
+    return sorted(checkpoints.glob(f"corrupt-step-{step:06d}-*"))
+
+
+def permissions_apply() -> list[str]:
+    """A command prefix under which chmod 000 really denies reading: none for a user; for root (whom file modes
+    do not stop), setpriv dropping the capabilities that bypass them, CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): chmod 000 cannot deny root a read")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+
+
+def resume_events(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("event") == "resume"]
+
+
+@pytest.mark.parametrize(("how", "reason"), [
+    ("unreadable directory", r"cannot read \S*step-000040/meta.json \(Permission denied\)"),
+    ("unreadable file", r"cannot read model.safetensors \(Permission denied\)"),
+    ("unlisted file", r"files not listed in meta.json: trainer.safetensors"),
+])
+def test_a_checkpoint_that_cannot_be_trusted_is_skipped_moved_aside_and_kept(checkpoints, tmp_path, how, reason):
+    newest = checkpoints / "step-000040"
+    original = tree_bytes(newest)
+    prefix = []
+    if how == "unlisted file":  # trainer.safetensors, not in meta.json, would be loaded unverified
+        (newest / "trainer.safetensors").write_bytes((newest / "model.safetensors").read_bytes())
+        original = tree_bytes(newest)
+    else:
+        prefix = permissions_apply()
+        (newest if how == "unreadable directory" else newest / "model.safetensors").chmod(0)
+    done = subprocess.run([*prefix, *DS_TRAIN, small_run(tmp_path), "--resume", "auto"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.search(rf"checkpoint \S*step-000040 does not verify \({reason}\); moved aside to \S*corrupt-step-000040-",
+                     done.stderr), done.stderr
+    assert "Traceback" not in done.stderr and f"resuming from {checkpoints / 'step-000030'}" in done.stderr
+    assert [e["step"] for e in resume_events(tmp_path / "runs" / "r")] == [30]
+    (moved,) = set_aside(checkpoints, 40)
+    for path in (moved, *moved.iterdir()):
+        path.chmod(0o755)
+    assert tree_bytes(moved) == original  # kept as it was, for whoever looks into it
+    assert Checkpointer(checkpoints).verify(newest) == []  # the resumed run wrote its own step 40
+
+
+def corrupt_all(checkpoints: Path) -> None:
+    flip_a_byte(checkpoints / "step-000010" / "model.safetensors")
+    (checkpoints / "step-000020" / "meta.json").unlink()
+    (checkpoints / "step-000030" / "optimizer.safetensors").write_bytes(b"")
+    (checkpoints / "step-000040" / "extra.bin").write_bytes(b"not listed")
+
+
+def test_none_valid_refuses_before_training_then_allow_fresh_starts_over_keeping_them(checkpoints, tmp_path):
+    corrupt_all(checkpoints)
+    everything = tree_bytes(checkpoints)
+    each = {step: tree_bytes(checkpoints / f"step-{step:06d}") for step in (10, 20, 30, 40)}
+    run, run_dir = small_run(tmp_path), tmp_path / "runs" / "r"
+
+    refused = subprocess.run([*DS_TRAIN, run, "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr
+    message = refused.stderr
+    assert "Traceback" not in message and "--resume auto --allow-fresh" in message
+    reasons = {10: "checksum mismatch for model.safetensors", 20: "missing meta.json",
+               30: "size mismatch for optimizer.safetensors", 40: "files not listed in meta.json: extra.bin"}
+    for step, reason in reasons.items():
+        assert re.search(rf"step-0000{step} \({reason}", message), message
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "model").exists()  # no training at all
+    assert tree_bytes(checkpoints) == everything and sorted(p.name for p in checkpoints.iterdir()) == [
+        ".writer.lock", "step-000010", "step-000020", "step-000030", "step-000040"]
+
+    fresh = subprocess.run([*DS_TRAIN, run, "--resume", "auto", "--allow-fresh"], capture_output=True, text=True,
+                           timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"no valid checkpoint in {checkpoints}: training from step 0" in fresh.stderr
+    assert resume_events(run_dir) == [] and (run_dir / "model" / "model.safetensors").is_file()
+    assert {step: [tree_bytes(p) for p in set_aside(checkpoints, step)] for step in each} == {
+        step: [files] for step, files in each.items()}  # moved aside, byte for byte
+    ckpt = Checkpointer(checkpoints)
+    assert [ckpt.verify(checkpoints / f"step-{step:06d}") for step in (10, 20, 30, 40)] == [[]] * 4
+
+
+def test_allow_fresh_goes_with_resume_auto(tmp_path):
+    done = subprocess.run([*DS_TRAIN, small_run(tmp_path), "--allow-fresh"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "--allow-fresh goes with --resume auto" in done.stderr
+
+
+def test_resume_auto_without_checkpoints_starts_from_0_and_says_so_before_training(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([*DS_TRAIN, run_file(tmp_path, hidden=[32], max_steps=100_000), "--resume", "auto"],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for_step(run_dir / "metrics.jsonl", 1, proc)  # training is under way
+            said = (tmp_path / "stderr.txt").read_text()
+        finally:
+            proc.kill()
+            proc.wait(30)
+    assert f"no valid checkpoint in {run_dir / 'checkpoints'}: training from step 0" in said, said
+    assert resume_events(run_dir) == []

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fullchain import metric_names as names
-from fullchain.artifact import load_artifact, load_tokenizer
+from fullchain.artifact import load
 from fullchain.config import validate_config
 from fullchain.deploy.export import export_artifact
 from fullchain.deploy.payloads import sample_requests
@@ -84,7 +84,7 @@ def test_concurrent_requests_get_the_predictions_of_ds_evaluate(server, digits_m
 
     spec_data = json.loads((digits_model / "model.json").read_text())["data"]
     bundle = build_data(DataConfig.model_validate(spec_data["config"]), spec_data["seed"])
-    truth = [bundle.label_names[int(y)] for _, y in bundle.test]
+    truth = [bundle.label_names[int(sample["labels"])] for sample in bundle.test]
     names_ = evaluated["label_names"]
     confusion = np.zeros((len(names_), len(names_)), dtype=int)
     for t, p in zip(truth, predicted, strict=True):
@@ -243,11 +243,11 @@ def test_exported_onnx_text_model_serves_the_labels_torch_gives(tmp_path):
         never_5xx(srv.url, st.fixed_dictionaries({"texts": st.lists(st.text(max_size=200), max_size=6)}) | bodies_,
                   examples=60)
     served = [p for r in responses for p in r.json()["predictions"]]
-    model, spec = load_artifact(model_dir)
-    pre = Preprocessor(spec, load_tokenizer(model_dir))
+    loaded = load(model_dir, "torch")
+    pre = Preprocessor(loaded)
     with torch.inference_mode():
-        probs = [torch.softmax(model(pre.collate(pre.encode([t]))), -1)[0] for t in texts]
-    assert [p["label"] for p in served] == [spec.label_names[int(p.argmax())] for p in probs]
+        probs = [torch.softmax(loaded.runtime.model(*pre.collate(pre.encode([t]))), -1)[0] for t in texts]
+    assert [p["label"] for p in served] == [loaded.label_names[int(p.argmax())] for p in probs]
     assert np.allclose([p["score"] for p in served], [float(p.max()) for p in probs], atol=1e-4)
 
 

@@ -32,6 +32,11 @@ app.add_typer(logs_app, name="logs")
 out = Console()
 
 ConfigPath = Annotated[Path, typer.Argument(help="run file (YAML)", show_default=False)]
+TrustCode = Annotated[
+    bool,
+    typer.Option("--trust-code", help="allow the model directory's own builder code (model.json builder.target) "
+                                      "to be imported and run; only for directories you trust"),
+]
 Overrides = Annotated[
     list[str] | None,
     typer.Option("--set", help="override a field, e.g. --set train.max_steps=50 (repeatable)"),
@@ -66,6 +71,9 @@ def train(
     resume: Annotated[
         str | None, typer.Option(help="auto (newest valid checkpoint) or a checkpoint directory")
     ] = None,
+    allow_fresh: Annotated[bool, typer.Option(
+        "--allow-fresh", help="with --resume auto: when checkpoints exist but none verifies, move them aside "
+                              "(kept) and train from step 0 instead of stopping")] = False,
     nproc_per_node: Annotated[int, typer.Option(min=1, help="processes per machine (via torchrun)")] = 1,
     nnodes: Annotated[int, typer.Option(min=1, help="machines taking part")] = 1,
     node_rank: Annotated[int, typer.Option(min=0, help="this machine's index")] = 0,
@@ -75,19 +83,21 @@ def train(
 ) -> None:
     """Train the model a run file describes; writes runs/<name>/ with metrics, checkpoints and the model."""
     cfg = _load(config, overrides)  # validate before launching anything
+    if allow_fresh and resume != "auto":
+        raise UserError(f"--allow-fresh goes with --resume auto (got --resume {resume})")
     if nproc_per_node > 1 or nnodes > 1 or max_restarts > 0:
         from fullchain.distributed.launch import launch
 
         code = launch(config, overrides or [], resume, nproc_per_node=nproc_per_node, nnodes=nnodes,
                       node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts,
-                      local_addr=local_addr)
+                      local_addr=local_addr, allow_fresh=allow_fresh)
         if code != 0:
             raise typer.Exit(code)
         out.print(f"distributed training finished; model written to {cfg.run_dir / 'model'}")
         return
     from fullchain.pipeline import train_stage
 
-    outcome = train_stage(cfg, resume=resume)
+    outcome = train_stage(cfg, resume=resume, allow_fresh=allow_fresh)
     r = outcome.result
     out.print(
         f"trained {r.steps} steps in {r.wall_s:.1f}s ({r.samples_per_s:.0f} samples/s); "
@@ -102,11 +112,12 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="train, val, test or all")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics to this JSON file")] = None,
+    trust_code: TrustCode = False,
 ) -> None:
     """Score a model artifact: accuracy, macro-F1 and the confusion matrix."""
     from fullchain.evaluate import evaluate_artifact
 
-    metrics = evaluate_artifact(model_dir, data=data, split=split, batch_size=batch_size)
+    metrics = evaluate_artifact(model_dir, data=data, split=split, batch_size=batch_size, trust_code=trust_code)
     _print_eval(metrics)
     if json_out is not None:
         json_out.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -152,6 +163,7 @@ def optimize(
     calib_samples: Annotated[int, typer.Option(min=1, help="PTQ calibration samples")] = 512,
     max_accuracy_drop: Annotated[float, typer.Option(min=0, help="points of accuracy quantisation may lose")] = 1.0,
     evaluate_: Annotated[bool, typer.Option("--eval/--no-eval", help="score both artifacts on the test split")] = True,
+    trust_code: TrustCode = False,
 ) -> None:
     """Graph passes, inference precision, compile or int8 quantisation; writes OUT and optimize_report.json."""
     from pydantic import ValidationError
@@ -166,7 +178,7 @@ def optimize(
                                   calib_samples=calib_samples, max_accuracy_drop=max_accuracy_drop)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, "ds optimize")) from None
-    report = optimize_artifact(model_dir, out_dir, settings, evaluate=evaluate_)
+    report = optimize_artifact(model_dir, out_dir, settings, evaluate=evaluate_, trust_code=trust_code)
     _print_optimize(report)
     out.print(f"optimised artifact written to {out_dir}; report in {out_dir / REPORT}")
 
@@ -196,11 +208,12 @@ def export(
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch", help="dynamic batch size")] = True,
     opset: Annotated[int | None, typer.Option(min=13, help="ONNX opset (default: the exporter's)")] = None,
     fp16: Annotated[bool, typer.Option(help="TensorRT 10: build with --fp16")] = True,
+    trust_code: TrustCode = False,
 ) -> None:
     """Export to ONNX (checked against torch in ONNX Runtime) or a TensorRT engine; fails on a parity miss."""
     from fullchain.deploy.export import export_artifact
 
-    report = export_artifact(model_dir, out_path, format_, dynamic_batch, opset, fp16)
+    report = export_artifact(model_dir, out_path, format_, dynamic_batch, opset, fp16, trust_code=trust_code)
     for note in report.notes:
         out.print(f"note: {note}", highlight=False)
     lat = report.latency_ms
@@ -217,14 +230,23 @@ def export(
 def serve(
     model: Annotated[Path, typer.Argument(help="model artifact directory or a .onnx file")],
     runtime: Annotated[str | None, typer.Option(help="torch or onnxruntime (default: by the path)")] = None,
-    host: Annotated[str, typer.Option(help="address to bind; beyond localhost, use --token-file")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="bind address; beyond loopback: --token-file or --insecure")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8080,
     max_batch_size: Annotated[int, typer.Option(min=1, help="requests per batch")] = 32,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="how long a request waits for a batch to fill")] = 5.0,
     queue_size: Annotated[int, typer.Option(min=1, help="waiting requests beyond this get 503")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="larger request bodies get 413")] = 8 * 1024 * 1024,
     threads: Annotated[int | None, typer.Option(min=1, help="inference threads (default: half the cores)")] = None,
-    token_file: Annotated[Path | None, typer.Option(help="require 'Authorization: Bearer <token in file>'")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        help="require 'Authorization: Bearer <token in file>' on every path but /healthz and /readyz")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="serve beyond loopback without a token: only behind a proxy that authenticates clients")
+    ] = False,
+    header_timeout: Annotated[float, typer.Option(
+        min=0.1, help="seconds a client may take to send a request's headers (then 408, connection closed)")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        min=0.1, help="seconds a client may take to send a request's body (then 408, connection closed)")] = 30.0,
+    trust_code: TrustCode = False,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict with dynamic batching, /metrics, /healthz, /readyz."""
     from fullchain.config import ServeConfig
@@ -232,7 +254,8 @@ def serve(
 
     cfg = ServeConfig(host=host, port=port, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                       queue_size=queue_size, max_body_bytes=max_body_bytes, threads=threads)
-    run_server(model, runtime, cfg, token_file)
+    run_server(model, runtime, cfg, token_file, insecure=insecure, header_timeout_s=header_timeout,
+               body_timeout_s=body_timeout, trust_code=trust_code)
 
 
 @app.command()

@@ -1,24 +1,130 @@
 """The typed schema of a run, loaded from one YAML file.
 
-Every section is a pydantic model that forbids unknown keys, so a typo fails loudly. Errors are
-reported as one line naming the file, the dotted path of the field and what was expected, e.g.
+Every section is a pydantic model that forbids unknown keys, so a typo fails loudly. Types are strict: a quoted
+number or a boolean where an integer belongs is an error, not a silent conversion, and inf/nan are refused.
+Errors are reported as one line naming the file, the dotted path of the field and what was expected, e.g.
 ``quickstart.yaml: train.precision: 'fp8' is not one of fp32, bf16, fp16``.
 ``--set a.b=c`` overrides are applied to the raw YAML before validation, so they are checked the same way.
+
+Run files are read with `RunFileLoader`, PyYAML's safe loader with three guards PyYAML lacks (written here
+because no YAML library offers them): a cap on nesting depth, a cap on the nodes that aliases expand to
+("billion laughs"), and refusal of duplicate keys, which PyYAML resolves by silently keeping the last.
+It also reads `3e-4` as a number, as YAML 1.2 does; PyYAML's YAML 1.1 rules would make it a string.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fullchain.errors import UserError
 
+MAX_DEPTH = 64
+MAX_NODES = 100_000
+
+
+class RunFileError(yaml.MarkedYAMLError):
+    """A run file that is valid YAML but refused: too deep, too large once aliases expand, or a duplicate key."""
+
+
+class RunFileLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses nesting beyond `MAX_DEPTH`, expansion beyond `MAX_NODES` and duplicate keys.
+
+    Depth and size count what the document means, not what it spells: an alias counts as the whole
+    node it refers to, so a small file of nested aliases is refused before anything is built from it.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+        self._extent: dict[yaml.Node, tuple[int, int]] = {}  # node -> (expanded size, height)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if node not in self._extent:
+                raise RunFileError(None, None, f"alias *{event.anchor} refers to a node that contains it",
+                                   event.start_mark)
+            size, height = self._extent[node]
+            self._count(size, self._depth + height, event.start_mark)
+            return node
+        self._count(1, self._depth + 1, event.start_mark)
+        self._depth += 1
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        extents = [self._extent[child] for child in self._children(node)]
+        self._extent[node] = (1 + sum(e[0] for e in extents), 1 + max((e[1] for e in extents), default=0))
+        return node
+
+    @staticmethod
+    def _children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [child for pair in node.value for child in pair]
+        return node.value if isinstance(node, yaml.SequenceNode) else []
+
+    def _count(self, nodes: int, depth: int, mark: yaml.Mark) -> None:
+        self._nodes += nodes
+        if depth > MAX_DEPTH:
+            raise RunFileError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+        if self._nodes > MAX_NODES:
+            raise RunFileError(None, None, f"more than {MAX_NODES} values (counting what aliases expand to)", mark)
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        first_seen: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                first = first_seen.setdefault((key.tag, key.value), key)
+                if first is not key:
+                    raise RunFileError(None, None, f"duplicate key {key.value!r} (first on line "
+                                       f"{first.start_mark.line + 1})", key.start_mark)
+        return node
+
+
+RunFileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse one YAML document with `RunFileLoader`; raises `yaml.YAMLError` (with a mark where known)."""
+    return yaml.load(text, Loader=RunFileLoader)  # a SafeLoader: builds no Python objects from tags
+
+
+def _finite_values(value: Any, where: str = "") -> Any:
+    """Free-form arguments may hold any YAML value but inf or nan, which no model or optimiser means."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'} is {value}; use a finite number")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _finite_values(item, f"{where}.{key}" if where else str(key))
+    return value
+
+
+Arguments = Annotated[dict[str, Any], AfterValidator(_finite_values)]
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class TokenizerConfig(Section):
@@ -58,16 +164,29 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    """A reference model by `name`, or a user model by `target: "pkg.module:Class"`; `args` go to it."""
+    """A reference model by `name`, a user model by `target: "pkg.module:Class"`, or a pretrained Hugging Face
+    checkpoint by `hf: SOURCE` (a local directory, or an installed package that ships one); `args` go to it."""
 
     name: str | None = None
     target: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
+    hf: str | None = Field(None, description="a local transformers checkpoint directory or an installed package")
+    args: Arguments = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str | None) -> str | None:
+        from fullchain.models.registry import MODELS
+
+        if name is not None and name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+        return name
 
     @model_validator(mode="after")
-    def _one_of_name_or_target(self) -> ModelConfig:
-        if (self.name is None) == (self.target is None):
-            raise ValueError("give exactly one of model.name (a reference model) or model.target ('pkg.module:Class')")
+    def _one_builder(self) -> ModelConfig:
+        given = [k for k in ("name", "target", "hf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of model.name (a reference model), model.target ('pkg.module:Class') "
+                             "or model.hf (a Hugging Face checkpoint)")
         if self.target is not None and ":" not in self.target:
             raise ValueError(f"model.target {self.target!r} must look like 'pkg.module:Class'")
         return self
@@ -77,7 +196,7 @@ class OptimizerConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    args: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the optimiser")
+    args: Arguments = Field(default_factory=dict, description="extra keyword arguments for the optimiser")
 
 
 class ScheduleConfig(Section):
@@ -100,9 +219,19 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations; None: end of each epoch")
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     progress: bool = True
     tensorboard: bool = True
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient (fp32, bf16): stop keeping the last good checkpoint, or "
+                            "skip the update and count it; fp16's loss scaler skips such steps by itself")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError(f"{device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        return device
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -114,7 +243,7 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     """Atomic, checksummed checkpoints under runs/<name>/checkpoints/ (see fullchain.train.checkpoint)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
     enabled: bool = True
     every_steps: int = Field(500, ge=1)
@@ -189,12 +318,13 @@ class MonitorConfig(Section):
 
 
 class RunConfig(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    name: str = Field(description="the run directory's name under runs_dir")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy accepts seeds in [0, 2**32 - 1]")
     runs_dir: str = "runs"
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    _source: str = PrivateAttr("<config>")  # the run file's name, for messages raised after validation
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
@@ -202,9 +332,58 @@ class RunConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _one_directory_name(cls, name: str) -> str:
+        """The name becomes one directory under runs_dir: no separators, and neither '.' nor '..'."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+            raise ValueError(f"{name!r} must be one directory name of letters, digits, '_', '.' and '-' "
+                             "(not '.' or '..')")
+        return name
+
+    @model_validator(mode="after")
+    def _pretrained_models_bring_their_tokenizer(self) -> RunConfig:
+        chosen = self.data.tokenizer.model_fields_set - {"max_length"}
+        if self.model.hf is not None and chosen:
+            raise ValueError(f"data.tokenizer: {', '.join(sorted(chosen))} cannot be set with model.hf: a pretrained "
+                             "model reads text with its own tokenizer; only data.tokenizer.max_length applies")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    @property
+    def source(self) -> str:
+        """The run file this config came from (its name), for messages about its fields."""
+        return self._source
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+}
+_shortener = reprlib.Repr()  # error messages quote values, never a whole list or a long string
+_shortener.maxstring = _shortener.maxother = 60
+_short = _shortener.repr
+
+
+def describe_value(value: Any) -> str:
+    """A value as the run file spells it, kept short: `the string '32'`, `the boolean true`, `a list`."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {_short(value)}"
+    if isinstance(value, int | float):
+        return f"the number {_short(value)}"
+    if value is None:
+        return "an empty value (null)"
+    return {list: "a list", dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
 
 
 def describe_error(err: dict[str, Any]) -> str:
@@ -212,33 +391,31 @@ def describe_error(err: dict[str, Any]) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind == "literal_error":
         allowed = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
-        return f"{value!r} is not one of {allowed}"
-    if kind == "extra_forbidden":
-        return f"unknown key {value!r}" if not isinstance(value, dict | list) else "unknown key"
+        return f"{_short(value)} is not one of {allowed}"
     if kind == "missing":
         return "is required"
-    if kind.endswith("_parsing") or kind.endswith("_type"):
-        wanted = kind.split("_")[0]
-        return f"expected {wanted}, got {value!r}"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {describe_value(value)}"
+    if err["msg"].startswith("Input should"):
+        return f"{err['msg'].removeprefix('Input ')}, got {describe_value(value)}"
     return err["msg"].removeprefix("Value error, ")
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        phrase = describe_error(err)
+        loc, phrase = err["loc"], describe_error(err)
         if err["type"] == "extra_forbidden":
-            loc, key = loc.rpartition(".")[0], loc.rpartition(".")[2]
-            phrase = f"unknown key {key!r}"
-        parts.append(f"{loc}: {phrase}" if loc else phrase)
+            loc, phrase = loc[:-1], f"unknown key {_short(str(loc[-1]))}"
+        where = ".".join(str(p) for p in loc)
+        parts.append(f"{where}: {phrase}" if where else phrase)
     return f"{source}: " + "; ".join(parts)
 
 
 def parse_value(text: str) -> Any:
-    """Parse a `--set` value the way YAML would (`50` -> int, `bf16` -> str, `[1,2]` -> list)."""
+    """Parse a `--set` value the way the run file would (`50` -> int, `bf16` -> str, `[1,2]` -> list)."""
     try:
-        return yaml.safe_load(text)
+        return read_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -248,9 +425,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.max_steps=50")
     key, _, value = assignment.partition("=")
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise UserError(f"--set {assignment!r}: empty key")
+    path = key.strip().split(".")
+    if not all(path):
+        raise UserError(f"--set {assignment!r}: {key.strip()!r} has an empty name; write dotted names, "
+                        "e.g. train.max_steps=50")
     node = raw
     for part in path[:-1]:
         child = node.setdefault(part, {})
@@ -260,23 +438,45 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[path[-1]] = parse_value(value)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read, override and validate a run file; every problem becomes a `UserError` naming the file."""
-    path = Path(path)
+def yaml_error_line(exc: yaml.YAMLError, text: str) -> str:
+    """`line N: what is wrong` for a PyYAML error, whether it carries a mark or a character position."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return f"line {line}: character #x{exc.character:04x} is not allowed in YAML"
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}: " if mark else ""
+    problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
+    return f"{where}{problem}" if isinstance(exc, RunFileError) else f"{where}not valid YAML ({problem})"
+
+
+def read_run_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of a run file; every problem becomes a one-line `UserError` naming the file."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: no such run file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path.name}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+    try:
+        raw = read_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path.name}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise UserError(f"{path.name}: {yaml_error_line(exc, text)}") from None
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
-        raise UserError(f"{path.name}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise UserError(f"{path.name}: the top level must be a mapping of sections, got {describe_value(raw)}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run file; every problem becomes a `UserError` naming the file."""
+    path = Path(path)
+    raw = read_run_file(path)
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate_config(raw, source=path.name)
@@ -284,9 +484,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, source)) from None
+    cfg._source = source
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -25,6 +25,12 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as ``Type: message`` on one line, for messages that quote a failure from user code."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def report(exc: BaseException, style: str = "bold red", prefix: str = "error: ") -> None:
     """One line on stderr for a user-facing error: the same look from the CLI and from torchrun workers."""
     from rich.console import Console

@@ -3,8 +3,9 @@
 By default the artifact's own recipe (data config + seed in model.json, tokenizer.json beside it) rebuilds
 exactly the split the model was trained against, so the figures match the end of training. ``--data``
 scores a different set instead: a built-in name or a user file (csv, jsonl, npz, image folder); its labels
-are mapped onto the model's label names by name. An int8 artifact (`ds optimize --quantize`) is scored
-through the runtime `ds serve` would use for it, not through the float weights it also carries.
+are mapped onto the model's label names by name. Every variant is scored through the runtime `ds serve` would
+use for it (`fullchain.artifact.load`): an int8 artifact through its int8 program, never the float weights it
+also carries; an exported ``model.onnx`` through ONNX Runtime, with the model.json found beside it.
 """
 
 from __future__ import annotations
@@ -15,26 +16,26 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from fullchain.artifact import load_artifact, load_tokenizer
+from fullchain.artifact import load
 from fullchain.config import DataConfig
 from fullchain.data import DataBundle, build_data
 from fullchain.errors import UserError
+from fullchain.tasks import LABELS
 from fullchain.train.evaluation import evaluate_model
-from fullchain.train.trainer import cross_entropy_loss
 
 USER_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".npz": "npz"}
 SPLITS = ("train", "val", "test", "all")
 
 
 class _RuntimeAsModule(torch.nn.Module):
-    """A serving runtime (ONNX Runtime session, compiled int8 program) seen as a module, so it can be scored."""
+    """A serving runtime (torch module, ONNX Runtime session, compiled int8 program) seen as a module."""
 
     def __init__(self, runtime):
         super().__init__()
         self.runtime = runtime
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.runtime(x))
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.runtime(*inputs))
 
 
 class _RelabelledDataset(Dataset):
@@ -46,9 +47,10 @@ class _RelabelledDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int):
-        x, y = self.data[i]
-        return x, torch.tensor(self.mapping[int(y)])
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        sample = dict(self.data[i])
+        sample[LABELS] = torch.tensor(self.mapping[int(sample[LABELS])])
+        return sample
 
 
 def data_config_for(data: str, recorded: dict[str, Any]) -> tuple[DataConfig, str]:
@@ -76,52 +78,51 @@ def select_split(bundle: DataBundle, split: str) -> Dataset:
 
 
 def evaluate_artifact(
-    model_dir: str | Path,
+    model_path: str | Path,
     data: str | None = None,
     split: str | None = None,
     batch_size: int = 64,
     bundle: DataBundle | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
-    """Score the artifact; returns accuracy, macro_f1, loss, n, the confusion matrix and label names."""
-    model, spec = load_artifact(model_dir)
-    if spec.extra.get("quantize"):
-        from fullchain.deploy.runtimes import load_runtime
+    """Score an artifact (a directory, or an exported ``.onnx`` with model.json beside it) through the runtime it
+    serves with; returns accuracy, macro_f1, loss, n, the confusion matrix and label names (perplexity and token
+    accuracy for a language model).
 
-        model = _RuntimeAsModule(load_runtime(model_dir).runtime)
+    `trust_code`: the artifact's builder may be user code it names (see `fullchain.models.targets`)."""
     if split is not None and split not in SPLITS:
         raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    loaded = load(model_path, threads=torch.get_num_threads(), trust_code=trust_code)
+    meta, task = loaded.meta, loaded.task
     if bundle is None:
-        if spec.data is None and data is None:
-            raise UserError(f"{model_dir}: model.json records no training data; pass --data")
-        recorded = spec.data["config"] if spec.data else {}
-        seed = spec.data["seed"] if spec.data else 0
+        if meta.data is None and data is None:
+            raise UserError(f"{model_path}: model.json records no training data; pass --data")
+        recorded = meta.data["config"] if meta.data else {}
+        seed = meta.data["seed"] if meta.data else 0
         if data is None:
             cfg, default_split = DataConfig.model_validate(recorded), "test"
         else:
             cfg, default_split = data_config_for(data, recorded)
         split = split or default_split
-        bundle = build_data(cfg, seed=seed, tokenizer=load_tokenizer(model_dir))
+        bundle = build_data(cfg, seed=seed, encoding=loaded.encoder)
     split = split or "test"
+    if bundle.kind != meta.input.get("kind"):
+        raise UserError(f"--data: {bundle.kind} data, but the model reads {meta.input.get('kind')} data")
     dataset = select_split(bundle, split)
-    if spec.label_names and bundle.label_names != spec.label_names:
-        unknown = sorted(set(bundle.label_names) - set(spec.label_names))
+    if meta.label_names and bundle.label_names != meta.label_names:
+        unknown = sorted(set(bundle.label_names) - set(meta.label_names))
         if unknown:
-            raise UserError(f"--data: labels {unknown} are not among the model's labels {spec.label_names}")
-        dataset = _RelabelledDataset(dataset, [spec.label_names.index(n) for n in bundle.label_names])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=bundle.collate)
-    num_classes = len(spec.label_names) or None
-    metrics = evaluate_model(model, loader, cross_entropy_loss, torch.device("cpu"), num_classes)
-    result = {
-        "split": split,
-        "n": metrics["n"],
-        "loss": metrics["eval_loss"],
-    }
+            raise UserError(f"--data: labels {unknown} are not among the model's labels {meta.label_names}")
+        dataset = _RelabelledDataset(dataset, [meta.label_names.index(n) for n in bundle.label_names])
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=task.collate)
+    metrics = evaluate_model(_RuntimeAsModule(loaded.runtime), loader, task, torch.device("cpu"))
+    result = {"split": split, "n": metrics["n"], "loss": metrics["eval_loss"]}
     if "eval_accuracy" in metrics:
         result.update(
             accuracy=metrics["eval_accuracy"],
             macro_f1=metrics["eval_macro_f1"],
             confusion_matrix=metrics["confusion_matrix"],
-            label_names=spec.label_names,
+            label_names=meta.label_names,
         )
     else:
         result.update(perplexity=metrics["eval_perplexity"], token_accuracy=metrics["eval_token_accuracy"])

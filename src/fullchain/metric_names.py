@@ -13,6 +13,7 @@ TRAIN_STEP_SECONDS = "train_step_seconds"
 DATA_WAIT_SECONDS = "train_data_wait_seconds"
 AMP_SKIPPED_STEPS_TOTAL = "amp_skipped_steps_total"
 AMP_LOSS_SCALE = "amp_loss_scale"
+NONFINITE_SKIPPED_STEPS_TOTAL = "nonfinite_skipped_steps_total"  # train.on_nonfinite: skip
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
 EVAL_MACRO_F1 = "eval_macro_f1"

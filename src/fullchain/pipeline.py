@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from fullchain.artifact import ModelSpec, save_artifact
+from fullchain.artifact import ArtifactMeta, save_artifact
 from fullchain.config import OptimizerConfig, RunConfig, dump_config
 from fullchain.data import DataBundle, build_data
 from fullchain.distributed.ddp import DDPStrategy, launched_by_torchrun
 from fullchain.distributed.strategy import LocalStrategy, resolve_device
-from fullchain.errors import TrainingStopped
+from fullchain.errors import TrainingStopped, UserError
 from fullchain.evaluate import evaluate_artifact
-from fullchain.models import build_model, count_parameters, model_args_from_data
+from fullchain.models import MODELS, build_model, count_parameters, model_args_from_data
+from fullchain.models.targets import TargetOrigin
 from fullchain.train.checkpoint import Checkpointer
 from fullchain.train.trainer import Trainer, TrainResult
 
@@ -47,8 +48,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     try:
         return cls(params, **kwargs)
     except TypeError as exc:
-        from fullchain.errors import UserError
-
         raise UserError(f"train.optimizer.args: {exc}") from None
 
 
@@ -61,14 +60,21 @@ class TrainOutcome:
 
 
 def build_model_for(cfg: RunConfig, bundle: DataBundle) -> tuple[torch.nn.Module, dict[str, str], dict[str, Any]]:
-    """The configured model with its data-derived arguments filled in; returns model, builder, full args."""
-    if cfg.model.name is not None:
-        args = model_args_from_data(cfg.model.name, bundle.input_spec, cfg.model.args)
-        builder = {"name": cfg.model.name}
-    else:
-        args = dict(cfg.model.args)
-        builder = {"target": cfg.model.target}
-    return build_model(name=cfg.model.name, target=cfg.model.target, args=args), builder, args
+    """The configured model with its data-derived arguments filled in; returns model, builder, full args.
+
+    Every problem is a `UserError` that names the run file as well as the model."""
+    origin = TargetOrigin(cfg.source)
+    try:
+        if cfg.model.name is not None:
+            MODELS[cfg.model.name].check_kind(bundle.kind)
+        args = model_args_from_data(cfg.model.name, bundle.input_spec, cfg.model.args, target=cfg.model.target,
+                                    origin=origin)
+        builder = {"name": cfg.model.name} if cfg.model.name is not None else {"target": cfg.model.target}
+        model = build_model(name=cfg.model.name, target=cfg.model.target, args=args, origin=origin)
+    except UserError as exc:
+        message = str(exc)
+        raise UserError(message if message.startswith(f"{cfg.source}:") else f"{cfg.source}: {message}") from None
+    return model, builder, args
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -98,17 +104,17 @@ def metrics_endpoint(cfg: RunConfig):
     try:
         exporter = TrainingExporter(cfg.monitor.host, cfg.monitor.port)
     except OSError as exc:
-        from fullchain.errors import UserError
-
         raise UserError(f"monitor.port: {exc}") from None
     console.print(f"live metrics: {exporter.url}/metrics, dashboard: {exporter.url}/dashboard")
     return exporter
 
 
-def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | None:
+def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = False) -> TrainOutcome | None:
     """Train as the run file says; returns the outcome on rank 0 (None on other ranks).
 
-    `resume` is "auto" (the newest valid checkpoint, or a fresh start when there is none) or a path.
+    `resume` is "auto" (the newest valid checkpoint, or a fresh start when there is none) or a path. When
+    checkpoints exist and none verifies, "auto" stops with exit code 2 before training, unless `allow_fresh`
+    (they are then moved aside and training starts from step 0).
     """
     strategy = DDPStrategy(cfg.distributed) if launched_by_torchrun() else None
     strategy = strategy or LocalStrategy(resolve_device(cfg.train.device))
@@ -128,6 +134,12 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | Non
             f"{len(bundle.test)} test, precision {cfg.train.precision}, {strategy.world_size} process(es)"
         )
     checkpointer = make_checkpointer(cfg, strategy)
+    if resume == "auto" and checkpointer is not None:  # decided, and said, before training starts
+        resume = checkpointer.resume_point(allow_fresh, opt_in="ds train <run file> --resume auto --allow-fresh")
+        if resume is None and strategy.is_main:
+            console.print(f"no valid checkpoint in {checkpointer.directory}: training from step 0", soft_wrap=True)
+    if resume and strategy.is_main:
+        console.print(f"resuming from {resume}", soft_wrap=True)  # soft_wrap: a path stays on one line
     exporter = metrics_endpoint(cfg) if strategy.is_main else None
     trainer = Trainer(
         model,
@@ -137,7 +149,6 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | Non
         cfg.train,
         run_dir=run_dir,
         collate_fn=bundle.collate,
-        num_classes=bundle.num_classes or None,
         seed=cfg.seed,
         strategy=strategy,
         checkpointer=checkpointer,
@@ -152,10 +163,6 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | Non
             checkpointer.close()
         if exporter is not None:
             exporter.close()
-    if resume and strategy.is_main:
-        console.print(f"resumed from the checkpoint of step {result.resumed_from_step}"
-                      if result.resumed_from_step is not None
-                      else f"no valid checkpoint in {run_dir / 'checkpoints'}: trained from step 0")
     if result.stopped_by is not None:
         strategy.close()
         raise TrainingStopped(
@@ -166,7 +173,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | Non
     if not strategy.is_main:
         strategy.close()
         return None
-    spec = ModelSpec(
+    spec = ArtifactMeta(
         builder=builder,
         args=args,
         input={"kind": bundle.kind, **bundle.input_spec},
@@ -175,7 +182,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> TrainOutcome | Non
         data={"config": cfg.data.model_dump(mode="json"), "seed": cfg.seed},
         extra={"run": cfg.name, "train": result.summary()},
     )
-    model_dir = save_artifact(run_dir / "model", trainer.unwrapped_model.cpu(), spec, tokenizer=bundle.tokenizer)
+    model_dir = save_artifact(run_dir / "model", trainer.unwrapped_model.cpu(), spec, encoder=bundle.encoder)
     strategy.close()
     return TrainOutcome(result=result, model_dir=model_dir, bundle=bundle, parameters=n_params)
 
@@ -200,7 +207,8 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     """`ds run`: every stage in order; returns (and writes) the summary."""
     started = time.perf_counter()
     outcome = train_stage(cfg)
-    eval_metrics = evaluate_artifact(outcome.model_dir, split="test", bundle=outcome.bundle)
+    trust_code = cfg.model.target is not None  # the run file's own model code wrote this artifact
+    eval_metrics = evaluate_artifact(outcome.model_dir, split="test", bundle=outcome.bundle, trust_code=trust_code)
     summary = {
         "name": cfg.name,
         "model_dir": str(outcome.model_dir),
@@ -211,7 +219,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         from fullchain.optimize.pipeline import optimize_artifact, summarize
 
         report = optimize_artifact(outcome.model_dir, cfg.run_dir / "model-optimized", cfg.optimize,
-                                   console=console, bundle=outcome.bundle)
+                                   console=console, bundle=outcome.bundle, trust_code=trust_code)
         summary["optimize"] = {"model_dir": str(cfg.run_dir / "model-optimized"), **summarize(report)}
     if cfg.export.enabled:
         from fullchain.deploy.stage import export_stage

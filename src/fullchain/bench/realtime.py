@@ -71,21 +71,21 @@ def _train_fp32(bundle, args: dict, steps: int, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _fused(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+def _fused(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> torch.nn.Module:
     from fullchain.optimize.manager import PassManager
 
-    fused, _ = PassManager(["fold_conv_bn", "fuse_conv_bn_relu"]).run(model, (example,))
+    fused, _ = PassManager(["fold_conv_bn", "fuse_conv_bn_relu"]).run(model, example)
     return fused.eval()
 
 
 @torch.no_grad()
-def _round(predict: Predict, example: torch.Tensor, calls: int) -> dict[str, float]:
-    samples = latency_samples(lambda: predict(example), calls, warmup=0)
+def _round(predict: Predict, example: tuple[torch.Tensor, ...], calls: int) -> dict[str, float]:
+    samples = latency_samples(lambda: predict(*example), calls, warmup=0)
     median, p99 = median_p99_ms(samples)
     return {"latency_ms": median, "p99_ms": p99, "images_per_s": calls / sum(samples)}
 
 
-def _contenders(model, example, calibration, training, s, work: Path) -> tuple[dict[str, Contender], dict]:
+def _contenders(model, task, example, calibration, training, s, work: Path) -> tuple[dict[str, Contender], dict]:
     contenders = {"fp32_eager": Contender(lambda t: model, _weights_size(model))}
     fused = _fused(model, example)
     contenders["fused_fp32"] = Contender(lambda t: fused, _weights_size(fused))
@@ -99,7 +99,7 @@ def _contenders(model, example, calibration, training, s, work: Path) -> tuple[d
     # onnxruntime first: the inductor conversion consumes the QAT graph
     for method in ("ptq", "qat"):
         for backend in sorted(s["backends"], reverse=True):
-            q = quantize_model(model, method, backend, example, calibration, work / f"{method}_{backend}",
+            q = quantize_model(model, task, method, backend, example, calibration, work / f"{method}_{backend}",
                                training, qat_graph=qat_graph)
             name = f"{method}_int8_{backend}"
             contenders[name] = Contender(q.predictor, q.file.stat().st_size, 1 if backend == "inductor" else 64)
@@ -115,14 +115,15 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     bundle = build_data(data_cfg, seed=seed)
     args = model_args_from_data("cnn", bundle.input_spec, s["model_args"])
     model = _train_fp32(bundle, args, s["train_steps"], seed)
-    test64 = batches(bundle.test, bundle.collate, 64)
-    test1 = batches(bundle.test, bundle.collate, 1)
-    example = test1[0][0]
-    calibration = [x for x, _ in batches(bundle.train, bundle.collate, 64, s["calib_samples"])]
+    task = bundle.task
+    test64 = batches(bundle.test, task.collate, 64)
+    test1 = batches(bundle.test, task.collate, 1)
+    example = task.model_inputs(test1[0])
+    calibration = [task.model_inputs(b) for b in batches(bundle.train, task.collate, 64, s["calib_samples"])]
     training = TrainingData(bundle.train, bundle.collate, s["qat_steps"], lr=1e-4, seed=seed)
 
     with tempfile.TemporaryDirectory() as work:
-        contenders, info = _contenders(model, example, calibration, training, s, Path(work))
+        contenders, info = _contenders(model, task, example, calibration, training, s, Path(work))
         results: dict[str, dict] = {name: {} for name in contenders}
         all_rounds: dict[int, dict] = {}
         for threads in s["threads"]:
@@ -135,7 +136,8 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
                 results[name].update({f"{k}_{threads}t": v for k, v in summary.items()})
             if threads == s["threads"][0]:
                 for name, c in contenders.items():
-                    results[name]["accuracy"] = accuracy(predictors[name], test1 if c.eval_batch == 1 else test64)
+                    results[name]["accuracy"] = accuracy(predictors[name], test1 if c.eval_batch == 1 else test64,
+                                                         task)
                     results[name]["size_bytes"] = c.size_bytes
         torch.set_num_threads(start_threads)
 

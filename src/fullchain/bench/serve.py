@@ -1,6 +1,6 @@
 """Serving: `ds serve` (dynamic batching) against a plain FastAPI endpoint that calls the model per request.
 
-Both servers load the same artifact with the same runtime (`load_runtime`), the same request schema and the
+Both servers load the same artifact with the same runtime (`fullchain.artifact.load`), the same request schema and the
 same preprocessing; the only difference is batching. The plain one is what a user writes by hand: a sync
 `def predict(...)` that FastAPI runs in its thread pool, one forward pass per request. A closed-loop load
 generator in its own process drives each server at concurrency 1, 8 and 64, alternating servers, and
@@ -21,29 +21,27 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from fullchain.artifact import sample_inputs
+from fullchain.artifact import LoadedModel, load
 from fullchain.bench.harness import BenchRecord, paired_ratio, summarise
 from fullchain.config import validate_config
-from fullchain.deploy.batching import softmax
-from fullchain.deploy.export import compare_latency, export_onnx
 from fullchain.deploy.loadgen import run_load
 from fullchain.deploy.payloads import sample_requests
+from fullchain.deploy.preprocess import Preprocessor
 from fullchain.deploy.process import ServerProcess
-from fullchain.deploy.runtimes import LoadedModel, load_runtime
-from fullchain.deploy.schema import REQUEST_MODELS, Prediction, PredictResponse
+from fullchain.deploy.schema import REQUEST_MODELS, PredictResponse
+from fullchain.runtime.onnx import compare_latency, export_onnx
 
 CONCURRENCY = (1, 8, 64)
 
 
 def plain_app(loaded: LoadedModel) -> FastAPI:
-    pre, labels = loaded.preprocessor, loaded.label_names
+    pre = Preprocessor(loaded)
     request_model = REQUEST_MODELS[pre.kind]
     app = FastAPI(title="plain per-request server")
 
     def predict(body: request_model) -> PredictResponse:  # type: ignore[valid-type]
-        probs = softmax(loaded.runtime(pre.collate(pre.encode(getattr(body, pre.field)))))
-        return PredictResponse(predictions=[Prediction(label=labels[i], score=float(p[i]))
-                                            for i, p in zip(probs.argmax(axis=1), probs, strict=True)])
+        logits = loaded.runtime(*pre.collate(pre.encode(getattr(body, pre.field))))
+        return PredictResponse(predictions=loaded.task.postprocess(logits))
 
     app.add_api_route("/v1/predict", predict, methods=["POST"], response_model=PredictResponse)
     app.add_api_route("/readyz", lambda: {"ready": True}, methods=["GET"])
@@ -128,12 +126,12 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
 
 def ort_vs_torch(model_dir: Path, onnx_path: Path, repeats: int) -> dict:
     """Median latency of torch eager and ONNX Runtime on the exported model at batch 1 and 32."""
-    loaded = load_runtime(model_dir, "torch")
-    model = loaded.runtime.model
-    report = export_onnx(model, sample_inputs(loaded.spec, batch=3), onnx_path)
+    loaded = load(model_dir, "torch")
+    model, task = loaded.runtime.model, loaded.task
+    report = export_onnx(model, task.example_inputs(3), onnx_path, task.input_names, task.dynamic_dims())
     results, ratios = {}, {}
     for batch in (1, 32):
-        ms = compare_latency(model, onnx_path, sample_inputs(loaded.spec, batch=batch, seed=batch), repeats)
+        ms = compare_latency(model, onnx_path, task.example_inputs(batch, seed=batch), repeats)
         results[f"latency_b{batch}"] = {**ms, "parity_max_abs_error": report.max_abs_error}
         ratios[f"ort_vs_torch_speed_b{batch}"] = ms["torch_ms"] / ms["onnxruntime_ms"]
     return {"results": results, "ratios": ratios}
@@ -146,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime", default=None)
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    app = plain_app(load_runtime(args.model, args.runtime))
+    app = plain_app(load(args.model, args.runtime))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

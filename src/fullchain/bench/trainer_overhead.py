@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from fullchain.bench.harness import BenchRecord, alternate, paired_ratio, summarise
 from fullchain.config import DataConfig, ScheduleConfig, TrainConfig
@@ -109,6 +109,7 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
         model_name, model_args, batch_size, total_steps, repeats = "cnn", {}, 64, 300, 9
     seed = 0
     bundle = build_data(data_cfg, seed=seed)
+    train = TensorDataset(bundle.train.inputs, bundle.train.targets)  # plain (x, y) pairs for every contender
     args = model_args_from_data(model_name, bundle.input_spec, model_args)
     torch.manual_seed(seed)
     init_state = {k: v.clone() for k, v in build_model(name=model_name, args=args).state_dict().items()}
@@ -123,7 +124,7 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
             model.to(dev)
             torch.manual_seed(seed)  # dropout and any other sampling start from the same state
             start = time.perf_counter()
-            loop(model, bundle.train, batch_size, total_steps, schedule, seed, dev)
+            loop(model, train, batch_size, total_steps, schedule, seed, dev)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tokenizers import Tokenizer
-
 from fullchain.config import DataConfig
 from fullchain.data.arrays import npz
 from fullchain.data.bundle import DataBundle
 from fullchain.data.images import digits, fashion_mnist, image_folder
 from fullchain.data.lm import lm_text
 from fullchain.data.text import bbc_news, table_file
+from fullchain.data.tokenizer import TextEncoder
 
-Builder = Callable[[DataConfig, int, Tokenizer | None], DataBundle]
+Builder = Callable[[DataConfig, int, TextEncoder | None], DataBundle]
 
 BUILDERS: dict[str, Builder] = {
     "bbc_news": bbc_news,
@@ -34,9 +33,9 @@ BUILDERS: dict[str, Builder] = {
 }
 
 
-def build_data(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None = None) -> DataBundle:
-    """Load, deduplicate, split and encode the dataset `cfg` names."""
-    return BUILDERS[cfg.name](cfg, seed, tokenizer)
+def build_data(cfg: DataConfig, seed: int, encoding: TextEncoder | None = None) -> DataBundle:
+    """Load, deduplicate, split and encode the dataset `cfg` names (text with `encoding` when given)."""
+    return BUILDERS[cfg.name](cfg, seed, encoding)
 
 
-__all__ = ["BUILDERS", "DataBundle", "build_data"]
+__all__ = ["BUILDERS", "DataBundle", "TextEncoder", "build_data"]

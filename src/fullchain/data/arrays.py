@@ -13,14 +13,15 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from fullchain.config import DataConfig
 from fullchain.data.bundle import DataBundle
 from fullchain.data.images import image_bundle
 from fullchain.data.samples import encode_labels, normalised_pairs
 from fullchain.data.splits import array_keys, plan_splits
+from fullchain.data.tokenizer import TextEncoder
 from fullchain.errors import UserError
+from fullchain.tasks.classification import FEATURES, FeatureClassification
 
 REQUIRED_KEYS = ("x", "y")
 
@@ -60,7 +61,7 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return x, y, names
 
 
-def npz(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> DataBundle:
+def npz(cfg: DataConfig, seed: int, encoding: TextEncoder | None) -> DataBundle:
     path = Path(cfg.path)
     x, y, names = read_npz(path)
     if names is None:
@@ -70,13 +71,14 @@ def npz(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> DataBundle:
     split = plan_splits(array_keys(x), labels, cfg, seed)
     if x.ndim > 2:
         return image_bundle(x[:, None] if x.ndim == 3 else x, labels, label_names, split)
-    (train, val, test), stats = normalised_pairs(x, labels, split)
+    (train, val, test), stats = normalised_pairs(x, labels, split, FEATURES)
     return DataBundle(
         train=train,
         val=val,
         test=test,
         kind="features",
         label_names=label_names,
+        task=FeatureClassification(label_names, x.shape[1]),
         input_spec={"num_features": x.shape[1], "num_classes": len(label_names)},
         preprocessing={"kind": "features", **stats},
     )

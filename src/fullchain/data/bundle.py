@@ -1,11 +1,11 @@
-"""What every dataset builder returns: three splits plus everything a model and an artifact need.
+"""What every dataset builder returns: three splits, their Task, and everything a model and an artifact need.
 
-Batches are always ``(inputs, targets)`` with a single input tensor, so a model's forward takes one
-argument and export stays simple:
-- text: ``LongTensor[B, T]`` token ids, padded with id 0 (models derive the attention mask from it);
-- image: ``FloatTensor[B, C, H, W]`` normalised with the stored mean/std;
-- features: ``FloatTensor[B, D]``;
-- lm: ``LongTensor[B, T]`` inputs and ``LongTensor[B, T]`` next-token targets.
+Samples are dicts (``{"input_ids": ..., "labels": ...}``, see `fullchain.tasks`); the bundle's `task` turns a
+list of them into a batch and knows the loss and metrics. Inputs by kind:
+- text: ``input_ids`` ``LongTensor[T]``, unpadded (the task pads per batch and builds ``attention_mask``);
+- image: ``pixel_values`` ``FloatTensor[C, H, W]`` normalised with the stored mean/std;
+- features: ``features`` ``FloatTensor[D]``;
+- lm: ``input_ids`` ``LongTensor[T]`` and next-token ``labels`` ``LongTensor[T]``.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch.utils.data import Dataset
 
-PAD_ID = 0
-IGNORE_INDEX = -100
+from fullchain.data.tokenizer import TextEncoder
+from fullchain.tasks import IGNORE_INDEX, PAD_ID, Batch, Task
 
 InputKind = Literal["text", "image", "features", "lm"]
+
+__all__ = ["IGNORE_INDEX", "PAD_ID", "DataBundle", "InputKind"]
 
 
 @dataclass
@@ -29,24 +30,22 @@ class DataBundle:
     test: Dataset
     kind: InputKind
     label_names: list[str]
+    task: Task
     # Shapes and sizes a model builder needs: vocab_size, max_length (text/lm); channels, height, width (image);
     # num_features (features). Also num_classes for classifiers.
     input_spec: dict[str, Any]
     # Everything needed to preprocess raw input at inference time (normalisation, tokenizer settings).
     preprocessing: dict[str, Any] = field(default_factory=dict)
-    tokenizer: Any | None = None  # a `tokenizers.Tokenizer`, saved beside the model as tokenizer.json
+    encoder: TextEncoder | None = None  # how text became token ids; saved beside the model (tokenizer.json)
+
+    def __post_init__(self) -> None:
+        for split in (self.train, self.val, self.test):  # a split knows its task: Trainer(model, opt, bundle.train)
+            if split is not None:
+                split.task = self.task
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
-    def collate(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack a list of samples; variable-length token sequences are right-padded with PAD_ID."""
-        inputs, targets = zip(*batch, strict=True)
-        if self.kind in ("text", "lm"):
-            x = torch.nn.utils.rnn.pad_sequence(list(inputs), batch_first=True, padding_value=PAD_ID)
-            if self.kind == "lm":
-                y = torch.nn.utils.rnn.pad_sequence(list(targets), batch_first=True, padding_value=IGNORE_INDEX)
-                return x, y
-            return x, torch.stack(list(targets))
-        return torch.stack(list(inputs)), torch.stack(list(targets))
+    def collate(self, samples: list[dict]) -> Batch:
+        return self.task.collate(samples)

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
-from tokenizers import Tokenizer
 
 from fullchain.config import DataConfig
 from fullchain.data.bundle import DataBundle
 from fullchain.data.samples import normalised_pairs
 from fullchain.data.splits import Split, array_keys, plan_official_splits, plan_splits
+from fullchain.data.tokenizer import TextEncoder
 from fullchain.errors import MissingDatasetError, UserError
+from fullchain.tasks.classification import PIXELS, ImageClassification
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "FULLCHAIN_FASHION_MNIST_DIR"
@@ -45,7 +46,7 @@ def image_bundle(
     color_mode: str | None = None,
 ) -> DataBundle:
     """Normalised train/val/test image splits of ``images`` ``[N, C, H, W]``."""
-    (train, val, test), stats = normalised_pairs(images, labels, split)
+    (train, val, test), stats = normalised_pairs(images, labels, split, PIXELS)
     _, channels, height, width = images.shape
     shape = {"channels": channels, "height": height, "width": width}
     return DataBundle(
@@ -54,6 +55,7 @@ def image_bundle(
         test=test,
         kind="image",
         label_names=label_names,
+        task=ImageClassification(label_names, channels, height, width),
         input_spec={**shape, "num_classes": len(label_names)},
         preprocessing={"kind": "image", **shape, **stats, "color_mode": color_mode},
     )
@@ -71,7 +73,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise UserError(f"{path}: unreadable ({exc}); reinstall with: {FASHION_MNIST_INSTALL}") from None
 
 
-def fashion_mnist(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> DataBundle:
+def fashion_mnist(cfg: DataConfig, seed: int, encoding: TextEncoder | None) -> DataBundle:
     """60k training and the official 10k test images; val is carved from training."""
     root = Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
     names = ["train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"]
@@ -89,7 +91,7 @@ def fashion_mnist(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> Da
     return image_bundle(images, labels, FASHION_MNIST_LABELS, split, color_mode="L")
 
 
-def digits(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> DataBundle:
+def digits(cfg: DataConfig, seed: int, encoding: TextEncoder | None) -> DataBundle:
     """scikit-learn's 1,797 8x8 digit images (pixel values 0-16, shipped with the library)."""
     data = load_digits()
     images = data.images[:, None].astype(np.float32)
@@ -149,7 +151,7 @@ def read_image_folder(root: Path, image_size: int | None) -> tuple[np.ndarray, n
     return np.ascontiguousarray(images), labels, classes, mode
 
 
-def image_folder(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> DataBundle:
+def image_folder(cfg: DataConfig, seed: int, encoding: TextEncoder | None) -> DataBundle:
     images, labels, classes, mode = read_image_folder(Path(cfg.path), cfg.image_size)
     split = plan_splits(array_keys(images), labels, cfg, seed)
     return image_bundle(images, labels, classes, split, color_mode=mode)

@@ -16,9 +16,10 @@ from tokenizers import Tokenizer
 from fullchain.config import DataConfig
 from fullchain.data.bundle import PAD_ID, DataBundle
 from fullchain.data.samples import Pairs, encode_labels
-from fullchain.data.text import headline, plan_text, read_bbc_news, tokenizer_preprocessing
-from fullchain.data.tokenizer import CLS, encode_texts
+from fullchain.data.text import headline, plan_text, read_bbc_news, text_preprocessing
+from fullchain.data.tokenizer import CLS, TextEncoder, TextEncoding, encode_texts
 from fullchain.errors import UserError
+from fullchain.tasks.causal_lm import TOKENS, CausalLanguageModelling
 
 
 def token_blocks(tokenizer: Tokenizer, texts: list[str], block_size: int, split_name: str) -> Pairs:
@@ -32,13 +33,16 @@ def token_blocks(tokenizer: Tokenizer, texts: list[str], block_size: int, split_
             f"{block_size + 1}; lower data.block_size or raise data.max_samples"
         )
     blocks = stream[: n_blocks * (block_size + 1)].view(n_blocks, block_size + 1)
-    return Pairs(blocks[:, :-1], blocks[:, 1:])
+    return Pairs(blocks[:, :-1], blocks[:, 1:], TOKENS)
 
 
-def lm_text(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> DataBundle:
+def lm_text(cfg: DataConfig, seed: int, encoding: TextEncoder | None) -> DataBundle:
     texts, topics = read_bbc_news()
     labels, _ = encode_labels(topics)  # topics only stratify the document split
-    split, tokenizer = plan_text(texts, labels, cfg, seed, tokenizer, groups=[headline(t) for t in texts])
+    if encoding is not None:  # keep the recorded tokenizer, with this run's block size
+        encoding = TextEncoding(encoding.tokenizer, cfg.block_size)
+    split, encoding = plan_text(texts, labels, cfg, seed, encoding, groups=[headline(t) for t in texts])
+    tokenizer = encoding.tokenizer
 
     def blocks(idx: np.ndarray | None, name: str) -> Pairs | None:
         return None if idx is None else token_blocks(tokenizer, [texts[i] for i in idx], cfg.block_size, name)
@@ -49,11 +53,12 @@ def lm_text(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> DataBund
         test=blocks(split.test, "test"),
         kind="lm",
         label_names=[],
+        task=CausalLanguageModelling(tokenizer.get_vocab_size(), cfg.block_size, PAD_ID),
         input_spec={"vocab_size": tokenizer.get_vocab_size(), "max_length": cfg.block_size, "pad_id": PAD_ID},
         preprocessing={
             "kind": "lm",
             "bos_id": tokenizer.token_to_id(CLS),
-            **tokenizer_preprocessing(cfg, cfg.block_size),
+            **text_preprocessing(cfg, TextEncoding(tokenizer, cfg.block_size)),
         },
-        tokenizer=tokenizer,
+        encoder=TextEncoding(tokenizer, cfg.block_size),
     )

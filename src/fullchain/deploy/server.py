@@ -4,9 +4,15 @@ Endpoints: `POST /v1/predict`, `GET /healthz` (the process is up), `GET /readyz`
 warm, and the server is not draining), `GET /metrics` (Prometheus text), `GET /openapi.json`, and the
 monitor's `/dashboard` page when `fullchain.monitor.dashboard` is installed. SIGTERM (uvicorn's graceful
 shutdown) stops accepting connections, answers every request already accepted, then exits 0.
+
+Hostile clients: the bearer token (`auth`) is checked before a body is read; slow senders meet read
+deadlines (`deadlines`); texts and encoded images are decoded in a worker thread, so a large one does not
+stall the event loop; a failure answers a complete response, and a 500 says `Connection: close` (uvicorn
+closes the connection after any exception; without the header the client would reuse it and meet a
+reset); no response shows a server path.
 """
 
-import hmac
+import functools
 import importlib.util
 import signal
 import sys
@@ -14,22 +20,22 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import torch
+import anyio
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rich.console import Console
 
+from fullchain.artifact import LoadedModel, load
 from fullchain.config import ServeConfig
-from fullchain.deploy.batching import DynamicBatcher, QueueFull
+from fullchain.deploy.auth import BearerAuth, check_exposure, is_loopback, read_token
+from fullchain.deploy.batching import DynamicBatcher, NonFiniteOutput, QueueFull
+from fullchain.deploy.deadlines import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, READ_TIMED_OUT, H11WithDeadlines
 from fullchain.deploy.metrics import ServeMetrics
-from fullchain.deploy.preprocess import InputError
-from fullchain.deploy.runtimes import LoadedModel, load_runtime
+from fullchain.deploy.preprocess import InputError, Preprocessor
 from fullchain.deploy.schema import REQUEST_MODELS, PredictResponse
-from fullchain.errors import UserError
 
 PREDICT_PATH = "/v1/predict"
 # The inference thread re-takes the GIL after every torch op; with CPython's default 5 ms switch interval a
@@ -37,6 +43,7 @@ PREDICT_PATH = "/v1/predict"
 SWITCH_INTERVAL_S = 0.0005
 RETRY_AFTER_S = 1
 DASHBOARD_MODULE = "fullchain.monitor.dashboard"
+BOUND_ERRORS = {"less_than_equal": "<=", "greater_than_equal": ">=", "less_than": "<", "greater_than": ">"}
 
 
 class BodyLimit:
@@ -109,6 +116,8 @@ class PredictMetrics:
             self.arrivals.close(scope["state"])
             self.metrics.in_flight.dec()
             self.metrics.request_seconds.observe(time.perf_counter() - started)
+            if scope["state"].get(READ_TIMED_OUT):  # the protocol answered 408; the app only saw a disconnect
+                status = 408
             self.metrics.requests.labels(status=str(status)).inc()
 
 
@@ -118,47 +127,48 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     For a value that may take several forms (an image as PNG text or nested arrays), the deepest error is the
     one that says what is wrong; the names of the alternatives are dropped from the location.
     """
-    problems = [{"loc": [str(p) for p in err.get("loc", ()) if not _is_branch(p)], "msg": err.get("msg", "invalid")}
+    problems = [{"loc": [str(p) for p in err.get("loc", ()) if not _is_branch(p)], "msg": _message(err)}
                 for err in exc.errors()]
     first = max(problems, key=lambda p: len(p["loc"]), default={"loc": [], "msg": "invalid request"})
     message = f"{'.'.join(first['loc'][1:]) or 'body'}: {first['msg']}"
     return JSONResponse({"detail": message, "errors": problems[:20]}, status_code=422)
 
 
+def _message(err: dict) -> str:
+    """pydantic's message, with a bound written as a number (it spells 3.4e38 out in 39 digits)."""
+    if err.get("type") in BOUND_ERRORS:
+        (bound,) = err["ctx"].values()
+        return f"Input should be {BOUND_ERRORS[err['type']]} {bound:.8g}"
+    return err.get("msg", "invalid")
+
+
 def _is_branch(part) -> bool:
     return isinstance(part, str) and ("[" in part or part.startswith("constrained-"))
 
 
-def bearer_check(token: str | None):
-    scheme = HTTPBearer(auto_error=False)
-
-    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(scheme)) -> None:
-        if token is None:
-            return
-        given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    return check
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """500 without details (the traceback goes to the server log), and `Connection: close`, since uvicorn
+    closes the connection after an exception: the client then opens a new one instead of meeting a reset."""
+    return JSONResponse({"detail": "internal server error"}, status_code=500, headers={"Connection": "close"})
 
 
 def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) -> FastAPI:
     metrics = ServeMetrics()
-    pre = loaded.preprocessor
+    pre = Preprocessor(loaded)
     labels = loaded.label_names
 
     def infer(items: list):
-        return loaded.runtime(pre.collate(items))
+        return loaded.runtime(*pre.collate(items))
 
     arrivals = Arrivals()
-    batcher = DynamicBatcher(infer, cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.queue_size, metrics,
-                             arriving=lambda: arrivals.count)
+    batcher = DynamicBatcher(infer, loaded.task.postprocess, cfg.max_batch_size, cfg.max_wait_ms / 1000,
+                             cfg.queue_size, metrics, arriving=lambda: arrivals.count)
     arrivals.on_settled = batcher.wake
     state = {"ready": False}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        infer([loaded_sample(loaded)])  # pay first-call costs (allocations, kernel choice) before ready
+        loaded.runtime(*loaded.task.example_inputs(1))  # pay first-call costs (allocations, kernels) before ready
         await batcher.start()
         state["ready"] = True
         yield
@@ -166,14 +176,16 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) 
         await batcher.stop()
 
     app = FastAPI(title="fullchain ds serve", version="1", lifespan=lifespan,
-                  description=f"{loaded.source} served with {loaded.runtime.name}")
+                  description=f"{pre.kind} classifier ({len(labels)} labels) served with {loaded.runtime.name}")
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
     app.state.drain = lambda: state.update(ready=False)
     request_model = REQUEST_MODELS[pre.kind]
 
     async def predict(body: request_model, request: Request) -> Response:  # type: ignore[valid-type]
+        raw = getattr(body, pre.field)
         try:
-            items = pre.encode(getattr(body, pre.field))
+            items = await anyio.to_thread.run_sync(pre.encode, raw) if pre.decodes(raw) else pre.encode(raw)
         except InputError as exc:
             raise HTTPException(422, str(exc)) from None
         arrivals.close(request.scope["state"])  # from here it waits in the batcher, not on its way to it
@@ -182,12 +194,13 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) 
         except QueueFull:
             raise HTTPException(503, "queue full; retry later",
                                 headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except NonFiniteOutput as exc:
+            raise HTTPException(422, f"{pre.field}[{exc.index}]: the model's output is not finite for this input "
+                                     "(values far outside the training data?)") from None
         # a plain JSONResponse skips re-validating our own output; the schema stays documented by response_model
-        return JSONResponse({"predictions": [{"label": labels[i] if i < len(labels) else str(i), "score": p}
-                                             for i, p in results]})
+        return JSONResponse({"predictions": results})
 
     app.add_api_route(PREDICT_PATH, predict, methods=["POST"], response_model=PredictResponse,
-                      dependencies=[Depends(bearer_check(token))],
                       summary=f"classify {pre.field}", responses={503: {"description": "queue full"}})
 
     @app.get("/healthz")
@@ -204,8 +217,11 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     include_dashboard(app)
-    app.add_middleware(PredictMetrics, metrics=metrics, arrivals=arrivals)
+    # the middleware added last runs first: metrics (every outcome counted), the token, then the body size
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    if token is not None:
+        app.add_middleware(BearerAuth, token=token)
+    app.add_middleware(PredictMetrics, metrics=metrics, arrivals=arrivals)
     app.state.metrics = metrics
     return app
 
@@ -216,12 +232,6 @@ def include_dashboard(app: FastAPI) -> None:
         from fullchain.monitor.dashboard import dashboard_router  # type: ignore[import-not-found]
 
         app.include_router(dashboard_router())
-
-
-def loaded_sample(loaded: LoadedModel) -> torch.Tensor:
-    from fullchain.artifact import sample_inputs
-
-    return sample_inputs(loaded.spec, batch=1)[0]
 
 
 class DrainingServer(uvicorn.Server):
@@ -236,29 +246,28 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def read_token(token_file: Path | None) -> str | None:
-    if token_file is None:
-        return None
-    try:
-        token = token_file.read_text().strip()
-    except OSError as exc:
-        raise UserError(f"--token-file {token_file}: cannot read ({exc.strerror})") from None
-    if len(token) < 16:
-        raise UserError(f"--token-file {token_file}: the token must be at least 16 characters")
-    return token
+def uvicorn_config(app: FastAPI, cfg: ServeConfig, header_timeout_s: float = HEADER_TIMEOUT_S,
+                   body_timeout_s: float = BODY_TIMEOUT_S) -> uvicorn.Config:
+    protocol = functools.partial(H11WithDeadlines, header_s=header_timeout_s, body_s=body_timeout_s)
+    return uvicorn.Config(app, host=cfg.host, port=cfg.port, http=protocol, ws="none", log_level="warning",
+                          access_log=False, lifespan="on", timeout_graceful_shutdown=60)
 
 
-def serve(path: Path, runtime: str | None, cfg: ServeConfig, token_file: Path | None = None) -> None:
-    """Load the model, then serve until SIGTERM/SIGINT; returns after the drain."""
+def serve(path: Path, runtime: str | None, cfg: ServeConfig, token_file: Path | None = None, *, insecure: bool = False,
+          header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
+          trust_code: bool = False) -> None:
+    """Load the model, then serve until SIGTERM/SIGINT; returns after the drain.
+
+    Beyond loopback, a token is required unless `insecure` (an authenticating proxy stands in front)."""
     console = Console(stderr=True)
     token = read_token(token_file)
-    loaded = load_runtime(path, runtime, cfg.threads)
+    check_exposure(cfg.host, token, insecure)
+    loaded = load(path, runtime, cfg.threads, trust_code=trust_code)
     app = create_app(loaded, cfg, token)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and token is None:
-        console.print(f"[yellow]warning:[/] serving on {cfg.host} without --token-file: anyone who reaches "
+    if token is None and not is_loopback(cfg.host):
+        console.print(f"[yellow]warning:[/] --insecure: serving on {cfg.host} without a token; anyone who reaches "
                       "this port can call the model")
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=60)
+    config = uvicorn_config(app, cfg, header_timeout_s, body_timeout_s)
     console.print(f"ds serve: {loaded.source} with {loaded.runtime.name} on http://{cfg.host}:{cfg.port} "
                   f"(batch <= {cfg.max_batch_size}, wait <= {cfg.max_wait_ms} ms, queue {cfg.queue_size})",
                   highlight=False)

@@ -22,7 +22,8 @@ from fullchain.deploy.process import ServerProcess
 
 
 def export_stage(cfg: RunConfig, model_dir: Path, console: Console) -> dict[str, Any]:
-    report = export_artifact(model_dir, None, cfg.export.format, cfg.export.dynamic_batch, cfg.export.opset)
+    report = export_artifact(model_dir, None, cfg.export.format, cfg.export.dynamic_batch, cfg.export.opset,
+                             trust_code=cfg.model.target is not None)
     for note in report.notes:
         console.print(f"export: {note}", highlight=False)
     if not report.parity_ok:
@@ -44,6 +45,7 @@ def serve_stage(cfg: RunConfig, model_dir: Path, console: Console) -> dict[str, 
     args = ["serve", str(model_dir), "--runtime", s.runtime, "--max-batch-size", str(s.max_batch_size),
             "--max-wait-ms", str(s.max_wait_ms), "--queue-size", str(s.queue_size)]
     args += ["--threads", str(s.threads)] if s.threads else []
+    args += ["--trust-code"] if cfg.model.target is not None else []  # the run file's own model code
     server = ServerProcess(args, log=cfg.run_dir / "serve.log")
     with console.status(f"serving {model_dir} ({s.runtime}) under load for {s.load_seconds:g}s"):
         with server:

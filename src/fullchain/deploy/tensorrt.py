@@ -14,8 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from fullchain.artifact import ModelSpec
 from fullchain.errors import UserError
+from fullchain.tasks import Task
 
 INSTALL_HINT = ("TensorRT is not installed: pip install tensorrt (the Python builder API), or install NVIDIA "
                 "TensorRT so that trtexec is on PATH; then run ds export again with --format tensorrt")
@@ -50,21 +50,26 @@ def trtexec_major(exe: str) -> int:
     return int(digits) // 10000 if digits.isdigit() else 10
 
 
-def shape_ranges(spec: ModelSpec) -> dict[str, list[int]]:
-    """min / opt / max input shapes for the dynamic batch (and sequence length for token inputs)."""
-    inp = spec.input
-    if inp["kind"] in ("text", "lm"):
-        t = inp["max_length"]
-        return {"min": [1, 1], "opt": [OPT_BATCH, t], "max": [MAX_BATCH, t]}
-    rest = [inp["channels"], inp["height"], inp["width"]] if inp["kind"] == "image" else [inp["num_features"]]
-    return {"min": [1, *rest], "opt": [OPT_BATCH, *rest], "max": [MAX_BATCH, *rest]}
+def shape_ranges(task: Task) -> dict[str, dict[str, list[int]]]:
+    """Per input, min / opt / max shapes: the batch from 1 to `MAX_BATCH`, a sequence from 1 token to the
+    model's maximum length, every other dimension as the model takes it."""
+    length = getattr(task, "max_length", None)
+    example = task.example_batch(1, length=length)
+    ranges = {}
+    for name, dims in task.dynamic_dims().items():
+        shape = list(example[name].shape)
+        low, opt, high = list(shape), list(shape), list(shape)
+        for i, label in dims.items():
+            low[i], opt[i], high[i] = (1, OPT_BATCH, MAX_BATCH) if label == "batch" else (1, shape[i], shape[i])
+        ranges[name] = {"min": low, "opt": opt, "max": high}
+    return ranges
 
 
-def trtexec_command(exe: str, major: int, onnx: Path, engine: Path, shapes: dict[str, list[int]],
-                    fp16: bool, input_name: str = "input") -> tuple[list[str], list[str]]:
+def trtexec_command(exe: str, major: int, onnx: Path, engine: Path, shapes: dict[str, dict[str, list[int]]],
+                    fp16: bool) -> tuple[list[str], list[str]]:
     """The trtexec command line for TensorRT `major`, and notes on what it could not honour."""
     def dims(key: str) -> str:
-        return f"{input_name}:" + "x".join(str(d) for d in shapes[key])
+        return ",".join(f"{name}:" + "x".join(str(d) for d in r[key]) for name, r in shapes.items())
 
     cmd = [exe, f"--onnx={onnx}", f"--saveEngine={engine}", f"--memPoolSize=workspace:{WORKSPACE_MIB}M",
            f"--minShapes={dims('min')}", f"--optShapes={dims('opt')}", f"--maxShapes={dims('max')}"]
@@ -77,8 +82,8 @@ def trtexec_command(exe: str, major: int, onnx: Path, engine: Path, shapes: dict
     return cmd, notes
 
 
-def build_engine(builder: Builder, onnx: Path, engine: Path, spec: ModelSpec, fp16: bool = True) -> list[str]:
-    shapes = shape_ranges(spec)
+def build_engine(builder: Builder, onnx: Path, engine: Path, task: Task, fp16: bool = True) -> list[str]:
+    shapes = shape_ranges(task)
     if builder.kind == "trtexec":
         cmd, notes = trtexec_command(builder.executable, builder.major, onnx, engine, shapes, fp16)
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -89,7 +94,7 @@ def build_engine(builder: Builder, onnx: Path, engine: Path, spec: ModelSpec, fp
     return _build_with_python_api(onnx, engine, shapes, fp16, builder.major)
 
 
-def _build_with_python_api(onnx: Path, engine: Path, shapes: dict[str, list[int]], fp16: bool,
+def _build_with_python_api(onnx: Path, engine: Path, shapes: dict[str, dict[str, list[int]]], fp16: bool,
                            major: int) -> list[str]:
     import tensorrt as trt  # type: ignore[import-not-found]
 
@@ -104,7 +109,8 @@ def _build_with_python_api(onnx: Path, engine: Path, shapes: dict[str, list[int]
     config = trt_builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_MIB << 20)
     profile = trt_builder.create_optimization_profile()
-    profile.set_shape(network.get_input(0).name, shapes["min"], shapes["opt"], shapes["max"])
+    for name, r in shapes.items():
+        profile.set_shape(name, r["min"], r["opt"], r["max"])
     config.add_optimization_profile(profile)
     notes = []
     if fp16 and major < 11:

@@ -1,7 +1,7 @@
 """Data-parallel training with DistributedDataParallel, one process per device, launched by torchrun.
 
 Gradient communication can be compressed (fp16, bf16, PowerSGD, int8 with error feedback) and made
-hierarchical (see compression.py, hierarchical.py); the hook's state travels with checkpoints and its bytes
+hierarchical (see `fullchain.distributed.comm`); the hook's state travels with checkpoints and its bytes
 and time are logged as comm_bytes_total / comm_seconds_total.
 
 The process group comes from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...): gloo on CPU,
@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fullchain import metric_names as M
 from fullchain.config import DistributedConfig
-from fullchain.distributed.compression import register_compression, ring_allreduce_bytes
+from fullchain.distributed.comm.counters import ring_allreduce_bytes
+from fullchain.distributed.comm.register import register_compression
 from fullchain.distributed.strategy import LocalStrategy
 
 
@@ -89,6 +90,11 @@ class DDPStrategy(LocalStrategy):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        verdict = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+        return bool(verdict.item())
 
     def close(self) -> None:
         """Finish every collective in flight, then release the group.

@@ -30,6 +30,7 @@ def torchrun_command(
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
     local_addr: str | None = None,
+    allow_fresh: bool = False,
 ) -> list[str]:
     endpoint = rdzv_endpoint or f"127.0.0.1:{free_port()}"
     cmd = [
@@ -47,6 +48,8 @@ def torchrun_command(
         cmd += ["--set", assignment]
     if resume:
         cmd += ["--resume", resume]
+    if allow_fresh:
+        cmd.append("--allow-fresh")
     return cmd
 
 

@@ -42,6 +42,10 @@ class LocalStrategy:
     def barrier(self) -> None:
         """Wait for every rank; nothing to wait for in one process."""
 
+    def any_rank(self, flag: bool) -> bool:
+        """True when `flag` is true on any rank (a collective with several ranks)."""
+        return flag
+
     def state_dict(self) -> dict:
         """Strategy state a checkpoint must carry (a communication hook's residuals); none here."""
         return {}

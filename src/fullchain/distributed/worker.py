@@ -1,7 +1,9 @@
-"""One torchrun worker: `python -m fullchain.distributed.worker RUN.yaml [--set K=V ...] [--resume auto|PATH]`.
+"""One torchrun worker: `python -m fullchain.distributed.worker RUN.yaml [--set K=V ...] [--resume auto|PATH]
+[--allow-fresh]`.
 
 A worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes from the newest valid checkpoint
-whatever the first launch asked for: that is what makes the restart need no human.
+whatever the first launch asked for: that is what makes the restart need no human. When checkpoints exist and
+none verifies, it starts from step 0 only where the first launch would have (a fresh launch, or --allow-fresh).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--allow-fresh", action="store_true")
     args = parser.parse_args(argv)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
@@ -25,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         from fullchain.pipeline import train_stage
 
         cfg = load_config(args.config, args.overrides)
-        train_stage(cfg, resume="auto" if restarted else args.resume)
+        train_stage(cfg, resume="auto" if restarted else args.resume,
+                    allow_fresh=args.allow_fresh or not args.resume)
     except UserError as exc:
         report(exc)
         return exc.exit_code

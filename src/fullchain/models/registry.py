@@ -11,45 +11,48 @@ with a one-line message that names the model or target.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
-from fullchain.errors import UserError
+from fullchain.errors import UserError, one_line
 from fullchain.models.causal_lm import CausalLM
 from fullchain.models.cnn import ResNetCNN
 from fullchain.models.mlp import MLP
+from fullchain.models.spec import ModelSpec
+from fullchain.models.targets import RUN_FILE, TargetOrigin, resolve_target
 from fullchain.models.transformer import TransformerClassifier
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": MLP,
-    "cnn": ResNetCNN,
-    "transformer": TransformerClassifier,
-    "causal_lm": CausalLM,
-}
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec("mlp", MLP, ("features", "image"), "multi-layer perceptron for feature rows (images are flattened)"),
+    ModelSpec("cnn", ResNetCNN, ("image",), "ResNet-style CNN, up to ResNet-50/152 presets"),
+    ModelSpec("transformer", TransformerClassifier, ("text",), "Transformer encoder text classifier"),
+    ModelSpec("causal_lm", CausalLM, ("lm",), "small decoder-only language model"),
+)}
 
 # Constructor parameters whose value comes from the data, and how the reference models relate to it:
 # "min" = the user may set a larger value (a bigger vocabulary or position table, more classes),
 # "eq" = it must match the data exactly.
 DATA_ARGS: dict[str, str] = {
     "num_classes": "min",
+    "num_labels": "min",
     "vocab_size": "min",
     "max_length": "min",
     "channels": "eq",
+    "in_channels": "eq",
+    "height": "eq",
+    "width": "eq",
+    "image_size": "eq",
     "num_features": "eq",
 }
+# Other spellings of the same data sizes that user models use.
+ALIASES = {"num_labels": "num_classes", "in_channels": "channels"}
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _label(name: str | None, target: str | None) -> str:
-    return f"model {name!r}" if name is not None else f"model target {target!r}"
+def _label(name: str | None, target: str | None, origin: TargetOrigin = RUN_FILE) -> str:
+    return f"model {name!r}" if name is not None else origin.label(target)
 
 
 def _signature(factory: Callable) -> inspect.Signature | None:
@@ -73,44 +76,15 @@ def _accepted(sig: inspect.Signature) -> str:
     return ", ".join(parts) or "(none)"
 
 
-def _import_target(target: str) -> Callable[..., Any]:
-    module_name, sep, attr_path = target.partition(":")
-    if not sep or not module_name or not attr_path or ":" in attr_path:
-        raise UserError(f"model target {target!r} must look like 'package.module:ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, but also any error raised while the user's module runs
-        raise UserError(
-            f"model target {target!r}: cannot import module {module_name!r} ({_one_line(exc)}); "
-            "check the name and that its folder is on PYTHONPATH"
-        ) from exc
-    obj: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"model target {target!r}: module {module_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
-    if inspect.isclass(obj):
-        if not issubclass(obj, nn.Module):
-            raise UserError(
-                f"model target {target!r}: {obj.__qualname__} is a class but not a torch.nn.Module"
-            )
-    elif not callable(obj):
-        raise UserError(
-            f"model target {target!r} is a {type(obj).__name__}, not an nn.Module subclass "
-            "or a function returning one"
-        )
-    return obj
-
-
-def _resolve(name: str | None, target: str | None) -> Callable[..., Any]:
+def _resolve(name: str | None, target: str | None, origin: TargetOrigin = RUN_FILE) -> Callable[..., Any]:
     if (name is None) == (target is None):
         raise UserError("give a model either a name (one of: " + ", ".join(sorted(MODELS)) + ") or a target "
                         "'package.module:ClassName', not both and not neither")
     if name is not None:
         if name not in MODELS:
             raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-        return MODELS[name]
-    return _import_target(target)
+        return MODELS[name].build
+    return resolve_target(target, origin)
 
 
 def _check_args(
@@ -138,7 +112,9 @@ def _from_spec(key: str, spec: Mapping[str, Any]) -> Any:
         if all(k in spec for k in ("channels", "height", "width")):
             return int(spec["channels"]) * int(spec["height"]) * int(spec["width"])
         return None
-    return spec.get(key)
+    if key == "image_size":
+        return spec.get("height") if spec.get("height") == spec.get("width") else None
+    return spec.get(ALIASES.get(key, key))
 
 
 def model_args_from_data(
@@ -147,18 +123,20 @@ def model_args_from_data(
     args: Mapping[str, Any] | None = None,
     *,
     target: str | None = None,
+    origin: TargetOrigin = RUN_FILE,
 ) -> dict[str, Any]:
     """The complete constructor arguments for a model, as stored in the model artifact.
 
     Starts from the constructor's defaults, fills each data-derived parameter the constructor accepts
-    (num_classes, vocab_size, max_length, channels, num_features; for images num_features is
-    channels*height*width) from ``input_spec`` unless the user set it in ``args``, then applies
-    ``args``. For reference models a user value must fit the data: at least the data's num_classes,
-    vocab_size and max_length; exactly its channels and num_features. Tuples become lists (JSON).
+    (num_classes or num_labels, vocab_size, max_length, channels or in_channels, height, width, image_size
+    for square images, num_features; for images num_features is channels*height*width) from ``input_spec``
+    unless the user set it in ``args``, then applies ``args``. A user value must fit the data, for reference
+    and user models alike: at least the data's classes, vocabulary and length (a smaller vocabulary would
+    index out of range mid-training); exactly its channels, image size and features. Tuples become lists.
     """
     args = dict(args or {})
-    label = _label(name, target)
-    factory = _resolve(name, target)
+    label = _label(name, target, origin)
+    factory = _resolve(name, target, origin)
     sig = _signature(factory)
     _check_args(label, sig, args, partial=True)  # unknown names now; missing ones once the data filled in
     result: dict[str, Any] = {}
@@ -176,7 +154,7 @@ def model_args_from_data(
                 if data_value is not None:
                     result[key] = data_value
                 continue
-            if name is None or data_value is None:
+            if data_value is None:
                 continue
             user_value = args[key]
             if not isinstance(user_value, int) or isinstance(user_value, bool):
@@ -202,32 +180,37 @@ def model_args_from_data(
 
 
 def build_model(
-    name: str | None = None, target: str | None = None, args: Mapping[str, Any] | None = None
+    name: str | None = None,
+    target: str | None = None,
+    args: Mapping[str, Any] | None = None,
+    *,
+    origin: TargetOrigin = RUN_FILE,
 ) -> nn.Module:
     """Construct a reference model by ``name`` or a user model by ``target="pkg.module:Class"``.
 
     ``target`` may name an ``nn.Module`` subclass or a function that returns an ``nn.Module``; it is
-    imported with importlib, so its package must be importable (installed or on PYTHONPATH).
+    imported with importlib, so its package must be importable (installed or on PYTHONPATH). `origin` says
+    who named it (a run file, or a model directory that needs ``--trust-code``): see `fullchain.models.targets`.
     Raises `UserError` naming the model/target for: unknown name, unimportable module, missing
     attribute, an object that is not a module class or factory, arguments that do not fit the
     constructor (the message lists the accepted parameters), or an error raised while constructing.
     """
     args = dict(args or {})
-    label = _label(name, target)
-    factory = _resolve(name, target)
+    label = _label(name, target, origin)
+    factory = _resolve(name, target, origin)
     sig = _signature(factory)
     _check_args(label, sig, args)
     try:
         model = factory(**args)
     except TypeError as exc:
         accepted = f"; accepted parameters: {_accepted(sig)}" if sig is not None else ""
-        raise UserError(f"{label}: bad arguments ({_one_line(exc)}){accepted}") from exc
+        raise UserError(f"{label}: bad arguments ({one_line(exc)}){accepted}") from exc
     except ValueError as exc:
-        raise UserError(f"{label}: {_one_line(exc)}") from exc
+        raise UserError(f"{label}: {one_line(exc)}") from exc
     except Exception as exc:
         if name is not None:
             raise  # a reference model failing on arguments that bound: a fullchain bug, keep the traceback
-        raise UserError(f"{label}: constructing the model failed ({_one_line(exc)})") from exc
+        raise UserError(f"{label}: constructing the model failed ({one_line(exc)})") from exc
     if not isinstance(model, nn.Module):
         raise UserError(f"{label} returned a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -167,7 +167,7 @@ def profile_run(cfg: Any, steps: int, out_dir: Path) -> tuple[ProfileResult, Rep
     model, _, _ = build_model_for(cfg, bundle)
     train_cfg = cfg.train.model_copy(update={"progress": False, "tensorboard": False})
     trainer = Trainer(model, build_optimizer(model, cfg.train.optimizer), bundle.train, None, train_cfg,
-                      collate_fn=bundle.collate, num_classes=bundle.num_classes or None, seed=cfg.seed,
+                      collate_fn=bundle.collate, seed=cfg.seed,
                       strategy=LocalStrategy(resolve_device(cfg.train.device)))
     result = profile_trainer(trainer, steps, out_dir)
     return result, profile_report(result, f"{cfg.name} ({cfg.data.name}, {steps} steps)")

@@ -20,32 +20,33 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_model
 
-from fullchain.artifact import META, TOKENIZER, ModelSpec, load_artifact, read_spec, sample_inputs
+from fullchain.artifact import META, TOKENIZER, ArtifactMeta, load_artifact, read_meta
 from fullchain.config import OptimizeConfig
 from fullchain.errors import UserError
 from fullchain.optimize.manager import PassManager, PassRolledBack
 from fullchain.optimize.measure import latency_samples, median_ms, peak_memory_bytes
 from fullchain.optimize.parity import compare
 from fullchain.optimize.recipe import DTYPES, InferencePrecision
+from fullchain.tasks import Task
 
 REPORT = "optimize_report.json"
 LATENCY_BATCHES = (1, 8)
 
 
-def _measure(model: torch.nn.Module, spec: ModelSpec, repeats: int) -> dict[str, Any]:
+def _measure(model: torch.nn.Module, task: Task, repeats: int) -> dict[str, Any]:
     """Median latency at batch 1 and 8 and peak memory at batch 8, at the model's full input length."""
-    length = spec.input.get("max_length")
+    length = getattr(task, "max_length", None)
     figures: dict[str, Any] = {}
     with torch.inference_mode():
         for batch in LATENCY_BATCHES:
-            x = sample_inputs(spec, batch=batch, length=length, seed=batch)
-            call = lambda x=x: model(x)  # noqa: E731
+            xs = task.example_inputs(batch, length=length, seed=batch)
+            call = lambda xs=xs: model(*xs)  # noqa: E731
             figures[f"latency_ms_batch{batch}"] = round(median_ms(latency_samples(call, repeats)), 3)
         figures["peak_memory_bytes_batch8"] = peak_memory_bytes(call)
     return figures
 
 
-def _check_source(model_dir: Path, spec: ModelSpec) -> None:
+def _check_source(model_dir: Path, spec: ArtifactMeta) -> None:
     if spec.extra.get("optimize"):
         raise UserError(f"{model_dir}: already optimised ({META} has extra.optimize); optimise the original artifact")
 
@@ -58,23 +59,25 @@ def optimize_artifact(
     evaluate: bool = True,
     bundle: Any = None,
     repeats: int = 10,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Optimise the artifact in ``model_dir`` into ``out_dir``; returns (and writes) the report."""
     console = console or Console(stderr=True)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise UserError(f"--out {out_dir}: must differ from the model directory (the original is kept)")
-    _check_source(model_dir, read_spec(model_dir))
+    _check_source(model_dir, read_meta(model_dir))
     if settings.quantize != "none":  # quantisation loads the fp32 model itself
         from fullchain.optimize.quantize import quantize_artifact
 
-        section = quantize_artifact(model_dir, out_dir, settings, console, bundle=bundle)
+        section = quantize_artifact(model_dir, out_dir, settings, console, bundle=bundle, trust_code=trust_code)
         report = {"source": str(model_dir), "quantize": section}
         (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         return report
 
-    model, spec = load_artifact(model_dir)
-    parity_inputs = (sample_inputs(spec, batch=3, length=min(spec.input.get("max_length") or 64, 64)),)
+    model, spec = load_artifact(model_dir, trust_code=trust_code)
+    task = spec.make_task()
+    parity_inputs = task.example_inputs(3, length=min(getattr(task, "max_length", 64) or 64, 64))
     with torch.no_grad():
         reference = model(*parity_inputs)
     report: dict[str, Any] = {"source": str(model_dir), "out": str(out_dir), "settings": settings.model_dump()}
@@ -104,7 +107,7 @@ def optimize_artifact(
     _write(out_dir, model_dir, optimized, spec, recipe)
 
     with console.status("checking and timing the optimised artifact"):
-        reloaded, _ = load_artifact(out_dir)
+        reloaded, _ = load_artifact(out_dir, trust_code=trust_code)
         with torch.no_grad():
             final = compare(reloaded(*parity_inputs), reference, DTYPES[precision])
         report["parity"] = {"final": final.to_json()}
@@ -112,8 +115,8 @@ def optimize_artifact(
             shutil.rmtree(out_dir)
             raise UserError(f"{out_dir}: the optimised artifact does not reproduce the original's outputs "
                             f"(max abs error {final.max_abs:.3g}); nothing was written")
-        report["before"] = _measure(model, spec, repeats)
-        report["after"] = _measure(reloaded, spec, repeats)
+        report["before"] = _measure(model, task, repeats)
+        report["after"] = _measure(reloaded, task, repeats)
     b, a = report["before"], report["after"]
     report["speedup_batch1"] = round(b["latency_ms_batch1"] / a["latency_ms_batch1"], 3)
     report["speedup_batch8"] = round(b["latency_ms_batch8"] / a["latency_ms_batch8"], 3)
@@ -123,9 +126,10 @@ def optimize_artifact(
         from fullchain.evaluate import evaluate_artifact
 
         with console.status("scoring both artifacts on the test split"):
-            report["eval"] = {name: {k: v for k, v in evaluate_artifact(d, split="test", bundle=bundle).items()
-                                     if k in ("accuracy", "macro_f1", "loss", "n")}
-                              for name, d in (("before", model_dir), ("after", out_dir))}
+            scored = {name: evaluate_artifact(d, split="test", bundle=bundle, trust_code=trust_code)
+                      for name, d in (("before", model_dir), ("after", out_dir))}
+            report["eval"] = {name: {k: v for k, v in metrics.items() if k in ("accuracy", "macro_f1", "loss", "n")}
+                              for name, metrics in scored.items()}
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -142,11 +146,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write(out_dir: Path, model_dir: Path, model: torch.nn.Module, spec: ModelSpec, recipe: dict[str, Any]) -> None:
+def _write(out_dir: Path, model_dir: Path, model: torch.nn.Module, spec: ArtifactMeta, recipe: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out_dir / "model.safetensors"))
     if (model_dir / TOKENIZER).is_file():
         shutil.copy2(model_dir / TOKENIZER, out_dir / TOKENIZER)
-    optimized = ModelSpec.from_json(spec.to_json())
+    optimized = ArtifactMeta.from_json(spec.to_json())
     optimized.extra = {**spec.extra, "optimize": recipe}
     (out_dir / META).write_text(json.dumps(optimized.to_json(), indent=2) + "\n")

@@ -78,6 +78,8 @@ class MetricsLogger(Callback):
         self.write(trainer.step, metrics)
 
     def on_train_end(self, trainer: Any, result: Any) -> None:
+        if result.diverged_at is not None:
+            self.write(result.diverged_at, {"event": "nonfinite", "train_loss": float("nan")})
         self._file.close()
         if self._tb is not None:
             self._tb.close()

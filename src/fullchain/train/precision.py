@@ -104,7 +104,10 @@ def make_precision(name: str, device: torch.device) -> Precision:
     return PRECISIONS[name](device)
 
 
-def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
-    if max_norm is None:
-        return None
-    return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the gradients (inf/NaN when any gradient is), clipped to `max_norm` when set."""
+    params = list(params)
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())

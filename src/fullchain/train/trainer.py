@@ -3,7 +3,9 @@
 A *step* is one optimiser update over `grad_accum` micro-batches. The loss of each micro-batch is
 weighted by its share of the step's targets, so k micro-batches give the same gradient as one batch k
 times larger even when the last micro-batch is short. Gradient sync is skipped on all but the last
-micro-batch of a step (DDP's ``no_sync``). Usable from Python without YAML::
+micro-batch of a step (DDP's ``no_sync``). What the loss, the batch layout and the metrics are comes from
+the `fullchain.tasks.Task` (datasets fullchain builds carry theirs; a dataset of ``(x, y)`` tuples gets
+`TensorPairs`). Usable from Python without YAML::
 
     trainer = Trainer(model, optimizer, train_dataset, eval_dataset, config={"epochs": 3, "batch_size": 64})
     result = trainer.fit()
@@ -21,39 +23,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from fullchain import metric_names as M
 from fullchain.config import TrainConfig
-from fullchain.data.bundle import IGNORE_INDEX
 from fullchain.data.sampler import ResumableSampler
 from fullchain.distributed.strategy import LocalStrategy, resolve_device
 from fullchain.errors import UserError
+from fullchain.tasks import Batch, Task, TensorPairs, batch_size, to_device
 from fullchain.train.callbacks import CallbackList
 from fullchain.train.checkpoint import Checkpointer, TrainingState, capture_rng_state, restore_rng_state
 from fullchain.train.evaluation import evaluate_model
 from fullchain.train.logging import MetricsLogger
+from fullchain.train.nonfinite import NonFiniteGuard, NonFiniteTraining
 from fullchain.train.precision import clip_gradients, make_precision
 from fullchain.train.progress import ProgressBar
 from fullchain.train.schedule import make_scheduler
 from fullchain.train.signals import StopSignals
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 
-
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy for classifiers ([B, C] logits) and language models ([B, T, V] logits)."""
-    if logits.dim() == 3:
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(logits, targets)
-
-
-def count_targets(targets: torch.Tensor) -> int:
-    """Number of targets that carry loss (token targets equal to IGNORE_INDEX do not)."""
-    if targets.dim() > 1:
-        return int((targets != IGNORE_INDEX).sum())
-    return targets.shape[0]
+def task_of(data: Any) -> Task | None:
+    """The task a fullchain dataset carries, looking through DataLoaders and Subsets."""
+    while data is not None:
+        if isinstance(getattr(data, "task", None), Task):
+            return data.task
+        data = getattr(data, "dataset", None)
+    return None
 
 
 class CheckpointMismatch(UserError):
@@ -68,9 +63,11 @@ class TrainResult:
     samples_per_s: float
     final_loss: float
     skipped_steps: int
+    nonfinite_skipped_steps: int = 0
     last_eval: dict[str, Any] = field(default_factory=dict)
     resumed_from_step: int | None = None
     stopped_by: str | None = None  # the signal that ended training early, after a checkpoint
+    diverged_at: int | None = None  # the step whose loss or gradients were not finite (train.on_nonfinite: stop)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -80,6 +77,7 @@ class TrainResult:
             "samples_per_s": round(self.samples_per_s, 2),
             "final_loss": self.final_loss,
             "amp_skipped_steps": self.skipped_steps,
+            "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
             "resumed_from_step": self.resumed_from_step,
         }
 
@@ -93,12 +91,11 @@ class Trainer:
         eval_data: Dataset | DataLoader | None = None,
         config: TrainConfig | dict[str, Any] | None = None,
         *,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_loss,
+        task: Task | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         callbacks: list[Any] = (),
         run_dir: str | Path | None = None,
         collate_fn: Callable | None = None,
-        num_classes: int | None = None,
         seed: int = 0,
         strategy: LocalStrategy | None = None,
         checkpointer: Checkpointer | None = None,
@@ -114,12 +111,12 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         self.resume = resume
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
+        self.task = task or task_of(train_data) or TensorPairs()
         self.precision = make_precision(cfg.precision, self.device)
+        self.nonfinite = NonFiniteGuard(cfg.on_nonfinite, cfg.precision, self.strategy.any_rank)
         self.seed = seed
         self.train_loader = self._loader(train_data, collate_fn, shuffle=True)
         self.eval_loader = self._loader(eval_data, collate_fn, shuffle=False) if eval_data is not None else None
-        self.num_classes = num_classes
         micro_batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / cfg.grad_accum))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -129,6 +126,7 @@ class Trainer:
         self.samples_seen = 0
         self.micro_batches_in_epoch = 0
         self.last_eval: dict[str, Any] = {}
+        self._last_out: dict[str, Any] = {}
         self._last_checkpoint_step: int | None = None
         self.resumed_from_step: int | None = None
         self.resume_load_s: float | None = None
@@ -155,7 +153,7 @@ class Trainer:
             data,
             batch_size=self.config.batch_size,
             sampler=sampler,
-            collate_fn=collate_fn,
+            collate_fn=collate_fn or self.task.collate,
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.config.num_workers,
         )
@@ -166,83 +164,98 @@ class Trainer:
         """One optimiser update over the micro-batches of one step; returns the step's loss and grad norm."""
         if not self.model.training:  # Module.train() walks every submodule: ~0.3 ms a step on a small CNN
             self.model.train()
-        step_targets = sum(count_targets(y) for _, y in micro_batches)
+        step_targets = sum(self.task.count_targets(batch) for batch in micro_batches)
         step_loss = 0.0
-        for i, (x, y) in enumerate(micro_batches):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            is_last = i == len(micro_batches) - 1
-            share = count_targets(y) / step_targets  # this micro-batch's weight in the step's mean loss
-            with self.strategy.sync_gradients(self.model, sync=is_last):
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.device)
+            with self.strategy.sync_gradients(self.model, sync=i == len(micro_batches) - 1):
                 with self.precision.autocast():
-                    loss = self.loss_fn(self.model(x), y)
-                    if share != 1.0:
-                        loss = loss * share
+                    outputs = self.model(*self.task.model_inputs(batch))
+                    loss_sum, _ = self.task.loss(outputs, batch)
+                    loss = loss_sum / step_targets  # each micro-batch weighs by its share of the step's targets
                 self.precision.backward(loss)
             step_loss = step_loss + loss.detach()
         self.precision.unscale(self.optimizer)
         grad_norm = clip_gradients(self.model.parameters(), self.config.clip_norm)
-        self.precision.step(self.optimizer)
+        if self.nonfinite.admits(self.step + 1, step_loss, grad_norm):
+            self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {"loss": step_loss, "grad_norm": grad_norm}
 
     def fit(self) -> TrainResult:
-        cfg = self.config
+        """Train to the step budget; raises `NonFiniteTraining` (after closing callbacks) when the run diverges."""
         self.resumed_from_step = self._restore() if self.resume else None
         self.callbacks.fire("on_train_start", self)
-        start = last_log_time = time.perf_counter()
-        samples_since_log, data_wait = 0, 0.0
-        out: dict[str, Any] = {"loss": torch.tensor(float("nan"))}
+        start = time.perf_counter()
+        self._last_out = {"loss": torch.tensor(float("nan"))}
+        diverged: NonFiniteTraining | None = None
         with StopSignals(enabled=self.checkpointer is not None) as stop:
-            while self.step < self.total_steps and not stop.requested:
-                batches = self.epoch_steps()
-                while self.step < self.total_steps and not stop.requested:
-                    fetch_start = time.perf_counter()
-                    micro_batches = next(batches, None)
-                    data_wait += time.perf_counter() - fetch_start
-                    if micro_batches is None:
-                        break
-                    out = self.train_step(micro_batches)
-                    samples = sum(len(y) for _, y in micro_batches)
-                    self.step += 1
-                    self.samples_seen += samples
-                    self.micro_batches_in_epoch += len(micro_batches)
-                    samples_since_log += samples
-                    metrics: dict[str, Any] = {"logged": False}
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        now = time.perf_counter()
-                        metrics = self._log_metrics(out, samples_since_log, now - last_log_time, data_wait)
-                        last_log_time, samples_since_log, data_wait = now, 0, 0.0
-                    self.callbacks.fire("on_step_end", self, metrics)
-                    if self._eval_due(end_of_epoch=False):
-                        self.evaluate()
-                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                        self.save_checkpoint()
-                else:
-                    continue  # stopped by the step budget or a signal: leave the epoch unfinished
-                self.epoch += 1
-                self.micro_batches_in_epoch = 0
-                self.callbacks.fire("on_epoch_end", self, self.epoch)
-                if self._eval_due(end_of_epoch=True):
-                    self.evaluate()
+            try:
+                self._train_loop(stop)
+            except NonFiniteTraining as exc:  # the bad update was not applied; the newest checkpoint stays the last
+                diverged = exc
             # After a signal, only a single process saves: with several ranks the signal usually means
             # torchrun is tearing the group down, and a collective save with a dead peer would hang.
-            if not stop.requested or self.strategy.world_size == 1:
+            if diverged is None and (not stop.requested or self.strategy.world_size == 1):
                 self._final_checkpoint()
+            elif self.checkpointer is not None:
+                self.checkpointer.wait()
         wall = time.perf_counter() - start
         result = TrainResult(
             steps=self.step,
             samples=self.samples_seen,
             wall_s=wall,
             samples_per_s=self.samples_seen / wall if wall > 0 else float("nan"),
-            final_loss=float(out["loss"]),
+            final_loss=float(self._last_out["loss"]),
             skipped_steps=self.precision.skipped_steps,
+            nonfinite_skipped_steps=self.nonfinite.skipped_steps,
             last_eval=self.last_eval,
             resumed_from_step=self.resumed_from_step,
             stopped_by=stop.requested,
+            diverged_at=self.step + 1 if diverged is not None else None,
         )
         self.callbacks.fire("on_train_end", self, result)
+        if diverged is not None:
+            raise diverged
         return result
+
+    def _train_loop(self, stop: StopSignals) -> None:
+        """Epochs of steps until the step budget is spent or a stop signal arrives."""
+        cfg = self.config
+        last_log_time = time.perf_counter()
+        samples_since_log, data_wait = 0, 0.0
+        while self.step < self.total_steps and not stop.requested:
+            batches = self.epoch_steps()
+            while self.step < self.total_steps and not stop.requested:
+                fetch_start = time.perf_counter()
+                micro_batches = next(batches, None)
+                data_wait += time.perf_counter() - fetch_start
+                if micro_batches is None:
+                    break
+                out = self._last_out = self.train_step(micro_batches)
+                samples = sum(batch_size(batch) for batch in micro_batches)
+                self.step += 1
+                self.samples_seen += samples
+                self.micro_batches_in_epoch += len(micro_batches)
+                samples_since_log += samples
+                metrics: dict[str, Any] = {"logged": False}
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    metrics = self._log_metrics(out, samples_since_log, now - last_log_time, data_wait)
+                    last_log_time, samples_since_log, data_wait = now, 0, 0.0
+                self.callbacks.fire("on_step_end", self, metrics)
+                if self._eval_due(end_of_epoch=False):
+                    self.evaluate()
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+            else:
+                continue  # stopped by the step budget or a signal: leave the epoch unfinished
+            self.epoch += 1
+            self.micro_batches_in_epoch = 0
+            self.callbacks.fire("on_epoch_end", self, self.epoch)
+            if self._eval_due(end_of_epoch=True):
+                self.evaluate()
 
     def epoch_steps(self) -> Iterator[list[Batch]]:
         """This epoch's micro-batches grouped into steps of `grad_accum` (the last step may be shorter).
@@ -272,6 +285,7 @@ class Trainer:
             "world_size": self.strategy.world_size,
             "scheduler": self.scheduler.state_dict(),
             "precision": self.precision.state_dict(),
+            "nonfinite": self.nonfinite.state_dict(),
             "rng": capture_rng_state(),
             "strategy": self.strategy.state_dict(),
         }
@@ -293,10 +307,11 @@ class Trainer:
         self.checkpointer.wait()
 
     def _restore(self) -> int | None:
-        """Load the checkpoint `resume` names ("auto": the newest that verifies); returns its step."""
+        """Load the checkpoint `resume` names ("auto": `Checkpointer.resume_point`, the newest that verifies;
+        it refuses to start over when checkpoints exist and none verifies); returns its step."""
         if self.checkpointer is None:
             raise ValueError("resuming needs a checkpointer")
-        path = self.checkpointer.latest_valid() if str(self.resume) == "auto" else Path(self.resume)
+        path = self.checkpointer.resume_point() if str(self.resume) == "auto" else Path(self.resume)
         if path is None:
             return None
         load_start = time.perf_counter()
@@ -317,6 +332,7 @@ class Trainer:
             self.micro_batches_in_epoch = 0  # another sharding of the data: restart the epoch's order
         self.scheduler.load_state_dict(t["scheduler"])
         self.precision.load_state_dict(t["precision"])
+        self.nonfinite.load_state_dict(t.get("nonfinite", {}))
         restore_rng_state(t["rng"])
         if t["world_size"] == self.strategy.world_size:
             self.strategy.load_state_dict(t.get("strategy", {}))
@@ -333,6 +349,7 @@ class Trainer:
             M.TRAIN_SAMPLES_PER_SECOND: samples / seconds if seconds > 0 else float("nan"),
             M.DATA_WAIT_SECONDS: data_wait,
             M.AMP_SKIPPED_STEPS_TOTAL: self.precision.skipped_steps,
+            M.NONFINITE_SKIPPED_STEPS_TOTAL: self.nonfinite.skipped_steps,
             "epoch": self.epoch,
         }
         metrics.update(self.strategy.metrics(self.step))
@@ -355,9 +372,7 @@ class Trainer:
         loader = self.eval_loader if data is None else self._loader(data, collate_fn, shuffle=False)
         if loader is None:
             raise ValueError("Trainer.evaluate() needs eval data: pass eval_data to Trainer or data here")
-        metrics = evaluate_model(
-            self.model, loader, self.loss_fn, self.device, self.num_classes, autocast=self.precision.autocast
-        )
+        metrics = evaluate_model(self.model, loader, self.task, self.device, autocast=self.precision.autocast)
         metrics["epoch"] = self.epoch
         self.last_eval = metrics
         self.callbacks.fire("on_eval_end", self, metrics)

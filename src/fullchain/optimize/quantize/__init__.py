@@ -3,7 +3,7 @@
 - ``inductor``: PT2E via torchao with the X86 Inductor quantizer, compiled by Inductor with freezing
   (`pt2e`); the artifact holds ``model.pt2``, loaded by `load_program`.
 - ``onnxruntime``: ONNX Runtime's static QDQ (or dynamic) quantisation of the exported model (`onnxrt`);
-  the artifact holds ``model.onnx``, served by `fullchain.deploy.runtimes.load_runtime`.
+  the artifact holds ``model.onnx``, served through `fullchain.artifact.load`.
 
 QAT (`qat`) fine-tunes with fake quantisation through the ordinary Trainer. `stage.quantize_artifact` is
 the `ds optimize --quantize` entry point; `guard` refuses a model that lost too much accuracy.

@@ -1,7 +1,7 @@
 """One quantised model per (method, backend): the piece both `ds optimize --quantize` and `ds bench realtime` use.
 
-`quantize_model` takes a float model, calibration batches and (for QAT) the training data, and returns a
-`Quantized`: a batch-in, logits-out `predict`, the servable file it wrote (``model.pt2`` for Inductor,
+`quantize_model` takes a float model, its task, calibration inputs and (for QAT) the training data, and returns
+a `Quantized`: an inputs-in, logits-out `predict`, the servable file it wrote (``model.pt2`` for Inductor,
 ``model.onnx`` for ONNX Runtime), the int8 kernels it runs (read from the lowered graph or ORT's optimised
 graph, not inferred from speed), and the float weights to keep beside it (QAT-trained for QAT).
 """
@@ -19,6 +19,11 @@ import torch
 from torch.utils.data import Dataset
 
 from fullchain.optimize.quantize import onnxrt, pt2e, qat
+from fullchain.optimize.quantize.pt2e import Inputs
+from fullchain.runtime.onnx import export_onnx
+from fullchain.tasks import Task
+
+ONNX_FILE = "model.onnx"  # the servable file of an ONNX Runtime int8 artifact (what `ds serve` looks for)
 
 METHODS = ("ptq", "qat", "dynamic")
 BACKENDS = ("inductor", "onnxruntime")
@@ -47,28 +52,26 @@ class Quantized:
     graph: torch.fx.GraphModule | None = None  # the converted PT2E graph (inductor backend)
     threads: int = 1
 
-    def predictor(self, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A fresh batch-in, logits-out callable (Inductor compiles at the thread count of its first call)."""
+    def predictor(self, threads: int | None = None) -> Callable[..., torch.Tensor]:
+        """A fresh inputs-in, logits-out callable (Inductor compiles at the thread count of its first call)."""
         if self.backend == "inductor":
             return pt2e.FrozenProgram(self.graph)
         return onnxrt.predictor(self.file, threads or self.threads)
 
 
 def _onnx_int8(
-    model: torch.nn.Module, example: torch.Tensor, calibration: Sequence[torch.Tensor], method: str, out_dir: Path
+    model: torch.nn.Module, task: Task, example: Inputs, calibration: Sequence[Inputs], method: str, out_dir: Path
 ) -> tuple[Path, list[str]]:
-    from fullchain.deploy.export import export_onnx
-    from fullchain.deploy.runtimes import ONNX_FILE
-
     path = out_dir / ONNX_FILE
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(model, example, fp32)
-        onnxrt.quantize_onnx(fp32, path, "dynamic" if method == "dynamic" else "static", calibration)
+        export_onnx(model, example, fp32, task.input_names, task.dynamic_dims())
+        onnxrt.quantize_onnx(fp32, path, "dynamic" if method == "dynamic" else "static", calibration,
+                             task.input_names)
     return path, onnxrt.int8_kernels(path)
 
 
-def finetune_qat(model: torch.nn.Module, example: torch.Tensor, training: TrainingData) -> torch.fx.GraphModule:
+def finetune_qat(model: torch.nn.Module, example: Inputs, training: TrainingData) -> torch.fx.GraphModule:
     """QAT fine-tuning of a copy of `model`; the result feeds `quantize_model(..., qat_graph=...)`."""
     prepared, _ = qat.finetune(
         copy.deepcopy(model), example, training.dataset, training.collate, training.steps, training.lr,
@@ -79,10 +82,11 @@ def finetune_qat(model: torch.nn.Module, example: torch.Tensor, training: Traini
 
 def quantize_model(
     model: torch.nn.Module,
+    task: Task,
     method: str,
     backend: str,
-    example: torch.Tensor,
-    calibration: Sequence[torch.Tensor],
+    example: Inputs,
+    calibration: Sequence[Inputs],
     out_dir: Path,
     training: TrainingData | None = None,
     threads: int | None = None,
@@ -109,5 +113,5 @@ def quantize_model(
                      else pt2e.quantize_ptq(model, example, calibration, method))
         path = pt2e.save_program(converted, example, out_dir / pt2e.PROGRAM_FILE)
         return Quantized(method, backend, path, pt2e.int8_kernels(converted, example), float_model, converted, threads)
-    path, kernels = _onnx_int8(float_model, example, calibration, method, out_dir)
+    path, kernels = _onnx_int8(float_model, task, example, calibration, method, out_dir)
     return Quantized(method, backend, path, kernels, float_model, threads=threads)

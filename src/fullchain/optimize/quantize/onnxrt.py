@@ -11,13 +11,13 @@ CNN slower here). The int8 file is the servable ``model.onnx``.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fullchain.deploy.export import INPUT_NAME
+from fullchain.runtime.sessions import OnnxRuntime
 
 INT8_OP_TYPES = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "ConvInteger", "MatMulInteger",
                  "DynamicQuantizeMatMul", "DynamicQuantizeLinear")
@@ -26,15 +26,16 @@ INT8_OP_TYPES = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "ConvInt
 class _Batches:
     """onnxruntime's CalibrationDataReader protocol over a list of input batches."""
 
-    def __init__(self, calibration: Iterable[torch.Tensor]):
-        self._it = iter([{INPUT_NAME: x.numpy()} for x in calibration])
+    def __init__(self, calibration: Iterable[tuple[torch.Tensor, ...]], input_names: Sequence[str]):
+        self._it = iter([{name: x.numpy() for name, x in zip(input_names, xs, strict=True)} for xs in calibration])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
 
 
 def quantize_onnx(
-    fp32_path: Path, out_path: Path, method: str, calibration: Iterable[torch.Tensor] = ()
+    fp32_path: Path, out_path: Path, method: str, calibration: Iterable[tuple[torch.Tensor, ...]] = (),
+    input_names: Sequence[str] = (),
 ) -> Path:
     """Quantise an fp32 ONNX file: static QDQ (ptq, qat) calibrated on `calibration`, or dynamic."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -46,27 +47,16 @@ def quantize_onnx(
         if method == "dynamic":
             quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
         else:
-            quantize_static(str(pre), str(out_path), _Batches(calibration), quant_format=QuantFormat.QDQ,
+            quantize_static(str(pre), str(out_path), _Batches(calibration, input_names), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out_path
 
 
-def predictor(path: Path, threads: int = 1):
-    """A `predict(x) -> logits` over an ONNX Runtime CPU session whose idle threads sleep instead of spinning.
-
-    ORT's intra-op threads busy-wait after each call by default; measured side by side with PyTorch
-    contenders (or in the same process as them) on few cores, that spinning starves PyTorch's OpenMP
-    threads (a CNN's fp32 eager call went from 1 ms to 320 ms here), so measurements switch it off.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+def predictor(path: Path, threads: int = 1) -> Callable[..., torch.Tensor]:
+    """A `predict(*inputs) -> logits` over an ONNX Runtime session whose idle threads sleep instead of spinning
+    (measured beside PyTorch contenders, ORT's spinning threads would starve them; see `ort_session`)."""
+    session = OnnxRuntime(path, threads, spinning=False)
+    return lambda *xs: torch.from_numpy(session(*xs))
 
 
 def int8_kernels(path: Path) -> list[str]:

@@ -7,25 +7,25 @@ ops around fp32 ops. That graph is only a recipe: it becomes int8 kernels (oneDN
 Conv-BN-ReLU chain fused) when Inductor compiles it with freezing on, which is what `compile_int8` does.
 
 Persisting: the converted graph is saved with `torch.export.save` as ``model.pt2``; `load_program`
-refuses archives that carry pickled payloads (plain tensors are stored as raw bytes), then compiles.
+opens it only after `fullchain.artifact.program.check_program_archive` admitted every member, then compiles.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch.export import Dim
 
+from fullchain.artifact.program import check_program_archive
 from fullchain.errors import UserError
 
 PROGRAM_FILE = "model.pt2"
 # The ops that prove int8 execution once the converted graph is lowered for x86 (what Inductor emits).
 INT8_KERNEL_PREFIXES = ("onednn.qconv", "onednn.qlinear", "quantized.")
+Inputs = tuple[torch.Tensor, ...]  # a model's positional inputs (the task's input_names order)
 
 
 def _pt2e():
@@ -37,20 +37,19 @@ def _pt2e():
     return pt2e, quantize_pt2e, x86_inductor_quantizer
 
 
-def _export(model: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch (and sequence, for token ids) dimension.
+def _export(model: torch.nn.Module, example: Inputs) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch (and sequence, for token inputs) dimension.
 
     A batch of 1 would be specialised by export, so the example is doubled when it has a single row.
     """
-    if example.shape[0] == 1:
-        example = torch.cat([example, example])
-    dims = {0: Dim.AUTO}
-    if example.dim() == 2 and not example.is_floating_point():
-        dims[1] = Dim.AUTO
-    return torch.export.export(model, (example,), dynamic_shapes=(dims,))
+    if example[0].shape[0] == 1:
+        example = tuple(torch.cat([x, x]) for x in example)
+    dims = tuple({0: Dim.AUTO, **({1: Dim.AUTO} if x.dim() == 2 and not x.is_floating_point() else {})}
+                 for x in example)
+    return torch.export.export(model, tuple(example), dynamic_shapes=dims)
 
 
-def export_graph(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+def export_graph(model: torch.nn.Module, example: Inputs) -> torch.fx.GraphModule:
     try:
         return _export(model, example).module()
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the user needs the reason
@@ -68,17 +67,17 @@ def make_quantizer(method: str):
 
 @torch.no_grad()
 def quantize_ptq(
-    model: torch.nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor], method: str = "ptq"
+    model: torch.nn.Module, example: Inputs, calibration: Iterable[Inputs], method: str = "ptq"
 ) -> torch.fx.GraphModule:
     """Post-training quantisation: observe `calibration` batches, then convert (static or dynamic int8)."""
     _, qp, _ = _pt2e()
     prepared = qp.prepare_pt2e(export_graph(model.eval(), example), make_quantizer(method))
-    for x in calibration:
-        prepared(x)
+    for xs in calibration:
+        prepared(*xs)
     return _drop_dead_weights(qp.convert_pt2e(prepared))
 
 
-def prepare_qat(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+def prepare_qat(model: torch.nn.Module, example: Inputs) -> torch.fx.GraphModule:
     """Fake-quantised training graph; `.train()` / `.eval()` switch BatchNorm and dropout as on a Module."""
     pt2e, qp, _ = _pt2e()
     prepared = qp.prepare_qat_pt2e(export_graph(model.train(), example), make_quantizer("qat"))
@@ -132,19 +131,19 @@ class FrozenProgram:
         self._compiled: dict[tuple[int, ...], object] = {}
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = tuple(x.shape)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = tuple(tuple(x.shape) for x in inputs)
         if key not in self._compiled:
             self._compiled[key] = compile_frozen(copy.deepcopy(self.graph))
-        return self._compiled[key](x)
+        return self._compiled[key](*inputs)
 
 
-def int8_kernels(converted: torch.fx.GraphModule, example: torch.Tensor) -> list[str]:
+def int8_kernels(converted: torch.fx.GraphModule, example: Inputs) -> list[str]:
     """The int8 kernels the converted graph lowers to on x86 (torchao's lowering = Inductor's freezing passes)."""
     _pt2e()
     from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
 
-    lowered = lower_pt2e_quantized_to_x86(converted, (example,))
+    lowered = lower_pt2e_quantized_to_x86(converted, tuple(example))
     return graph_ops(lowered, INT8_KERNEL_PREFIXES)
 
 
@@ -153,24 +152,10 @@ def graph_ops(graph: torch.fx.GraphModule, prefixes: tuple[str, ...] = ("",)) ->
     return sorted(op for op in ops if op.startswith(prefixes))
 
 
-def save_program(converted: torch.fx.GraphModule, example: torch.Tensor, path: Path) -> Path:
+def save_program(converted: torch.fx.GraphModule, example: Inputs, path: Path) -> Path:
     """Re-export the converted graph (dynamic batch) and write it with torch.export.save."""
     torch.export.save(_export(converted, example), str(path))
     return path
-
-
-def _check_no_pickle(path: Path) -> None:
-    """torch.export.load unpickles tensor-subclass payloads; a quantised CNN has none, so refuse any."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if name.endswith("_config.json") and ("/weights/" in name or "/constants/" in name):
-                    entries = json.loads(archive.read(name)).get("config", {})
-                    pickled = [k for k, v in entries.items() if v.get("use_pickle")]
-                    if pickled:
-                        raise UserError(f"{path}: refusing to load pickled payloads {pickled[:4]}")
-    except zipfile.BadZipFile:
-        raise UserError(f"{path}: not a torch.export archive") from None
 
 
 def load_program(path: str | Path, compile: bool = True):
@@ -180,7 +165,7 @@ def load_program(path: str | Path, compile: bool = True):
         path = path / PROGRAM_FILE
     if not path.is_file():
         raise UserError(f"{path}: no such file; expected a quantised artifact written with --backend inductor")
-    _check_no_pickle(path)
+    check_program_archive(path)
     _pt2e()  # registers the quantized_decomposed ops the program refers to
     module = torch.export.load(str(path)).module()
     return FrozenProgram(module) if compile else module

@@ -26,7 +26,7 @@ from fullchain.train.trainer import Trainer
 
 def finetune(
     model: torch.nn.Module,
-    example: torch.Tensor,
+    example: tuple[torch.Tensor, ...],
     train_data: Dataset,
     collate: Any,
     steps: int,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fullchain.artifact import META, TOKENIZER, WEIGHTS, ModelSpec, load_artifact, load_tokenizer, save_artifact
+from fullchain.artifact import META, TOKENIZER, WEIGHTS, ArtifactMeta, load_artifact, save_artifact, text_encoding
 from fullchain.config import DataConfig, OptimizeConfig
 from fullchain.data import DataBundle, build_data
 from fullchain.errors import UserError
@@ -29,16 +29,16 @@ from fullchain.optimize.quantize.measure import accuracy, batches, latency_ms, s
 CALIBRATION_BATCH = 64
 
 
-def rebuild_data(model_dir: Path, spec: ModelSpec) -> DataBundle:
+def rebuild_data(model_dir: Path, spec: ArtifactMeta) -> DataBundle:
     if spec.data is None:
         raise UserError(f"{model_dir}: {META} records no training data; quantisation needs it for calibration")
     cfg = DataConfig.model_validate(spec.data["config"])
-    return build_data(cfg, seed=spec.data["seed"], tokenizer=load_tokenizer(model_dir))
+    return build_data(cfg, seed=spec.data["seed"], encoding=text_encoding(model_dir, spec))
 
 
 def quantize_artifact(
     model_dir: str | Path, out_dir: str | Path, settings: OptimizeConfig, console: Console | None = None,
-    bundle: DataBundle | None = None,
+    bundle: DataBundle | None = None, trust_code: bool = False,
 ) -> dict[str, Any]:
     """Quantise the artifact per `settings` (quantize, backend, calib_samples, qat_*); returns the report section.
 
@@ -48,15 +48,17 @@ def quantize_artifact(
     console = console or Console(stderr=True)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     method, backend = settings.quantize, settings.backend
-    model, spec = load_artifact(model_dir)
+    model, spec = load_artifact(model_dir, trust_code=trust_code)
     bundle = bundle or rebuild_data(model_dir, spec)
     if bundle.test is None or len(bundle.test) == 0:
         raise UserError(f"{model_dir}: the recorded data has no test split to check the quantised accuracy on")
-    test = batches(bundle.test, bundle.collate, batch_size=64)
-    # Inductor's frozen int8 programs are compiled per input shape: score them one image at a time.
-    test_int8 = batches(bundle.test, bundle.collate, batch_size=1) if backend == "inductor" else test
-    example = test_int8[0][0][:1]
-    calibration = [x for x, _ in batches(bundle.train, bundle.collate, CALIBRATION_BATCH, settings.calib_samples)]
+    task = spec.make_task()
+    test = batches(bundle.test, task.collate, batch_size=64)
+    # Inductor's frozen int8 programs are compiled per input shape: score them one sample at a time.
+    test_int8 = batches(bundle.test, task.collate, batch_size=1) if backend == "inductor" else test
+    example = tuple(x[:1] for x in task.model_inputs(test_int8[0]))
+    calibration = [task.model_inputs(b)
+                   for b in batches(bundle.train, task.collate, CALIBRATION_BATCH, settings.calib_samples)]
     training = TrainingData(bundle.train, bundle.collate, settings.qat_steps, settings.qat_lr,
                             seed=spec.data["seed"] if spec.data else 0)
     threads = torch.get_num_threads()
@@ -64,16 +66,16 @@ def quantize_artifact(
     with tempfile.TemporaryDirectory() as staging:
         started = time.perf_counter()
         with console.status(f"quantising: {method} int8, {backend} backend"):
-            q = quantize_model(model, method, backend, example, calibration, Path(staging), training, threads)
+            q = quantize_model(model, task, method, backend, example, calibration, Path(staging), training, threads)
         seconds = time.perf_counter() - started
         with console.status("scoring fp32 and int8 on the test split, timing batch-1 latency"):
-            acc_fp32 = accuracy(model, test)
+            acc_fp32 = accuracy(model, test, task)
             predict = q.predictor()
-            acc_int8 = accuracy(predict, test_int8)
+            acc_int8 = accuracy(predict, test_int8, task)
             lat_fp32, lat_int8 = latency_ms(model, example), latency_ms(predict, example)
         report = {
             "method": method, "backend": backend, "split": "test", "n": len(bundle.test), "threads": threads,
-            "calib_samples": sum(len(x) for x in calibration),
+            "calib_samples": sum(len(xs[0]) for xs in calibration),
             "qat_steps": settings.qat_steps if method == "qat" else None,
             "accuracy_fp32": acc_fp32, "accuracy_quantized": acc_int8,
             "drop_points": round(drop_points(acc_fp32, acc_int8), 3),
@@ -91,9 +93,9 @@ def quantize_artifact(
     return report
 
 
-def _write(out_dir: Path, model_dir: Path, float_model: torch.nn.Module, spec: ModelSpec, program: Path,
+def _write(out_dir: Path, model_dir: Path, float_model: torch.nn.Module, spec: ArtifactMeta, program: Path,
            report: dict[str, Any]) -> None:
-    quantized = ModelSpec.from_json(spec.to_json())
+    quantized = ArtifactMeta.from_json(spec.to_json())
     recorded = {k: report[k] for k in ("method", "backend", "file", "accuracy_fp32", "accuracy_quantized",
                                        "drop_points", "calib_samples", "qat_steps", "int8_kernels")}
     quantized.extra = {**spec.extra, "quantize": recorded}

@@ -6,6 +6,11 @@ files) last, renames the directory to ``step-N/`` and fsyncs the parent, then ap
 is in flight at most: the next `save()` waits for it first, and a failure is raised from that call or from
 `wait()`. One process (rank 0) per directory writes: an ``flock`` on ``.writer.lock`` refuses a second one.
 
+A checkpoint that does not verify is never deleted or overwritten: `resume_point` refuses to start over when
+checkpoints exist and none verifies (unless allowed), and moves the invalid ones it passes aside; retention
+counts and deletes only checkpoints that verified or that this process wrote; a save whose step directory
+already holds an invalid checkpoint moves that one aside first.
+
 Why by hand: torch.distributed.checkpoint (used here for world size > 1) commits by writing ``.metadata``
 last but checksums nothing and does not publish a directory atomically, and its single-process format is a
 pickle; Lightning's and plain ``torch.save`` checkpoints are single files written in place.
@@ -24,6 +29,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +38,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
-from fullchain.artifact import library_versions
 from fullchain.train.checkpoint import files as F
 from fullchain.train.checkpoint import sharded
-from fullchain.train.checkpoint.state import CheckpointError, CheckpointWarning, TrainingState
+from fullchain.train.checkpoint.state import CheckpointError, CheckpointWarning, NoValidCheckpoint, TrainingState
+from fullchain.versions import library_versions
 
 LOCK = ".writer.lock"
 _LIVE: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
@@ -77,7 +83,7 @@ class Checkpointer:
     """Saves and loads checkpoints under `directory` (see the module docstring and files.py for the layout).
 
     With ``world_size > 1`` every rank constructs it (it creates a private gloo process group) and calls
-    `save`, `wait`, `latest_valid` and `load` together: these are collective.
+    `save`, `wait`, `latest_valid`, `resume_point` and `load` together: these are collective.
     """
 
     def __init__(self, directory: str | Path, keep_last: int = 3, keep_every: int | None = None,
@@ -101,7 +107,8 @@ class Checkpointer:
         self._seen_keys: set[str] = set()
         self._seen_storages: set[int] = set()
         self._lock_fd: int | None = None
-        self._verified: set[Path] = set()
+        self._verified: set[Path] = set()  # resolved paths that verified in this process or that it wrote
+        self._rejected: set[Path] = set()  # resolved paths that retention found invalid (checked once)
         self._closed = False
         self._group = None
         self._stager = None
@@ -307,15 +314,34 @@ class Checkpointer:
     def _commit(self, job: _Job, tmp: Path, final: Path, files: dict[str, Any], start: float) -> None:
         persist_s = time.perf_counter() - start
         F.write_bytes(tmp / F.META, self._meta(job, files, persist_s))
+        if final.exists() and final.resolve() not in self._verified and (problems := self.verify(final)):
+            self._set_aside(final, problems)  # a checkpoint of this step that does not verify: keep it
         F.commit_dir(tmp, final)
         job.stats["persist_s"] = time.perf_counter() - start
         job.stats["bytes"] = float(sum(f["bytes"] for f in files.values()))
         self._verified.add(final.resolve())
         try:
-            F.retention(self.directory, self.keep_last, self.keep_every, protect=final)
+            F.retention(self.directory, self.keep_last, self.keep_every, protect=final, trusted=self._trusted)
         except OSError as exc:
             warnings.warn(f"{self.directory}: deleting old checkpoints failed: {_describe(exc)}",
                           CheckpointWarning, stacklevel=1)
+
+    def _trusted(self, path: Path) -> bool:
+        """Whether retention may count and delete `path`: it verified in this process or this process wrote it;
+        a checkpoint not seen yet is verified now, and one that fails is reported once and left alone."""
+        key = path.resolve()
+        if key not in self._verified and key not in self._rejected and (problems := self.verify(path)):
+            self._rejected.add(key)
+            warnings.warn(f"checkpoint {path} does not verify ({'; '.join(problems)}); retention neither counts "
+                          "nor deletes it", CheckpointWarning, stacklevel=1)
+        return key in self._verified
+
+    def _set_aside(self, path: Path, problems: list[str]) -> Path:
+        """Move a checkpoint that does not verify out of the way (`files.set_aside`), with a warning."""
+        moved = F.set_aside(path)
+        warnings.warn(f"checkpoint {path} does not verify ({'; '.join(problems)}); moved aside to {moved}",
+                      CheckpointWarning, stacklevel=1)
+        return moved
 
     def _failed(self, job: _Job, tmp: Path, cause: str) -> CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -400,22 +426,76 @@ class Checkpointer:
 
     def latest_valid(self) -> Path | None:
         """The newest committed checkpoint that verifies; each newer one that does not is skipped with a
-        `CheckpointWarning` that says what is wrong. ``*.tmp`` directories are never candidates."""
-        self._join()
-        chosen = None
-        if self.rank == 0:
-            for _, path in reversed(F.committed(self.directory)):
-                problems = self.verify(path)
-                if not problems:
-                    chosen = path
-                    break
+        `CheckpointWarning` that says what is wrong. ``*.tmp`` directories are never candidates. Changes
+        nothing on disk; `resume_point` is the one to resume from."""
+
+        def newest() -> Path | None:
+            chosen, invalid = self._newest_valid()
+            for path, problems in invalid:
                 warnings.warn(f"skipping checkpoint {path}: {'; '.join(problems)}; trying the next older one",
-                              CheckpointWarning, stacklevel=2)
-        if self._group is not None:  # every rank resumes from the checkpoint rank 0 verified
-            chosen = self._gather(None if chosen is None else str(chosen))[0]
-            chosen = None if chosen is None else Path(chosen)
-            if chosen is not None:
-                self._verified.add(chosen.resolve())
+                              CheckpointWarning, stacklevel=4)
+            return chosen
+
+        return self._decide_on_rank0(newest)
+
+    def resume_point(self, allow_fresh: bool = False, opt_in: str = "Checkpointer.resume_point(allow_fresh=True)"
+                     ) -> Path | None:
+        """The checkpoint a resume starts from: the newest that verifies, or None when there is none at all.
+
+        Each newer checkpoint that does not verify is moved aside (`files.set_aside`) with a `CheckpointWarning`
+        naming its new path. When checkpoints exist and none verifies, this raises `NoValidCheckpoint` listing
+        each and why, and changes nothing; with `allow_fresh` it moves them all aside and returns None (train
+        from step 0). `opt_in` tells the user how to allow that, in the error message.
+        """
+
+        def decide() -> Path | None:
+            chosen, invalid = self._newest_valid()
+            if chosen is None and invalid and not allow_fresh:
+                listing = ", ".join(f"{path.name} ({'; '.join(problems)})" for path, problems in invalid)
+                raise NoValidCheckpoint(
+                    f"none of the checkpoints in {self.directory} verifies: {listing}. Nothing was changed; to "
+                    f"train from step 0 instead, with these moved aside (kept, not deleted): {opt_in}")
+            try:
+                if invalid:
+                    self._prepare_directory()  # the writer lock: nobody else writes here while they move
+                for path, problems in invalid:
+                    self._set_aside(path, problems)
+            except OSError as exc:
+                raise CheckpointError(f"{self.directory}: cannot move the checkpoints that do not verify aside: "
+                                      f"{_describe(exc)}") from None
+            return chosen
+
+        return self._decide_on_rank0(decide)
+
+    def _newest_valid(self) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+        """The newest committed checkpoint that verifies, and each newer one that does not with its problems."""
+        try:
+            found = F.committed(self.directory)
+        except OSError as exc:
+            raise CheckpointError(f"cannot list the checkpoints in {self.directory}: {_describe(exc)}") from None
+        invalid = []
+        for _, path in reversed(found):
+            if not (problems := self.verify(path)):
+                return path, invalid
+            invalid.append((path, problems))
+        return None, invalid
+
+    def _decide_on_rank0(self, decide: Callable[[], Path | None]) -> Path | None:
+        """Run `decide` on rank 0 only; every rank gets its outcome (the path, or the CheckpointError raised)."""
+        self._join()
+        if self._group is None:
+            return decide()
+        chosen, error = None, None
+        if self.rank == 0:
+            try:
+                chosen = decide()
+            except CheckpointError as exc:
+                error = exc
+        chosen, error = self._gather((chosen, error))[0]
+        if error is not None:
+            raise error
+        if chosen is not None:  # every rank resumes from the checkpoint rank 0 verified
+            self._verified.add(chosen.resolve())
         return chosen
 
     def load(self, path: str | Path, *, model: torch.nn.Module | None = None,
@@ -445,17 +525,19 @@ class Checkpointer:
                 f"{meta['kind']}) cannot be loaded into this run (world size {self.world_size}): "
                 f"{_describe(exc)}") from exc
 
-    def _read_part(self, path: Path, stem: str) -> Any:
+    def _read_part(self, path: Path, listed: dict[str, Any], stem: str) -> Any:
+        """``<stem>.json`` with the tensors of ``<stem>.safetensors``, if meta.json lists one (only listed,
+        hence verified, files are read)."""
         tree = json.loads((path / f"{stem}.json").read_bytes())
-        weights = path / f"{stem}.safetensors"
-        tensors = F.read_tensors(weights) if weights.is_file() else {}
+        weights = f"{stem}.safetensors"
+        tensors = F.read_tensors(path / weights) if weights in listed else {}
         return F.decode(tree, tensors)
 
     def _load(self, path: Path, meta: dict[str, Any], model: torch.nn.Module | None,
               optimizer: torch.optim.Optimizer | None) -> TrainingState:
-        own = path / f"trainer-rank{self.rank}.json"
-        same_ranks = meta.get("world_size") == self.world_size and self.rank > 0 and own.is_file()
-        trainer = self._read_part(path, f"trainer-rank{self.rank}" if same_ranks else "trainer")
+        listed = meta["files"]
+        same_ranks = meta.get("world_size") == self.world_size and f"trainer-rank{self.rank}.json" in listed
+        trainer = self._read_part(path, listed, f"trainer-rank{self.rank}" if same_ranks else "trainer")
         if meta["kind"] == "dcp":
             if model is None:
                 raise CheckpointError(
@@ -464,8 +546,8 @@ class Checkpointer:
             optim_tree = json.loads((path / "optimizer.json").read_bytes())
             sharded.load(path / sharded.DCP_DIR, optim_tree, model, optimizer, self._group)
             return TrainingState(model=None, optimizer=None, trainer=trainer)
-        model_sd = self._read_part(path, "model")
-        optim_sd = self._read_part(path, "optimizer")
+        model_sd = self._read_part(path, listed, "model")
+        optim_sd = self._read_part(path, listed, "optimizer")
         if self._group is not None:
             if model is None:
                 raise CheckpointError(f"world size {self.world_size}: pass model= (and optimizer=) to load()")

@@ -11,6 +11,17 @@ Layout of one checkpoint (``checkpoints/step-000500/``, written as ``step-000500
     trainer-rank<R>.json (world size > 1, ranks other than 0; their own RNG states etc.)
     dcp/                 world size > 1: torch.distributed.checkpoint shards (.metadata, __<rank>_<n>.distcp)
 
+Every file in the directory but meta.json is listed in meta.json with its checksum; a checkpoint holding a file
+that is not listed does not verify (nothing unverified is ever loaded). Next to the checkpoints:
+
+    step-000500.tmp/     a save in progress, or a partial one a killed writer left: deleted by the next writer
+    .writer.lock         the flock of the one process that writes here
+    corrupt-step-000500-20261202T065400Z/    a checkpoint that did not verify, moved aside (with the UTC time
+                         of the move) when a resume went past it or a save of the same step would have replaced
+                         it: never deleted, overwritten or counted by retention. Renamed in place, not into a
+                         subfolder: moving a directory to another parent needs write permission on the directory
+                         itself, which an unreadable checkpoint lacks.
+
 Structures go to JSON with three tags so that torch's formats come back exactly: ``{"__tensor__": key}``,
 ``{"__tuple__": [...]}`` and ``{"__dict__": [[key, value], ...]}`` for dicts with non-string keys (the
 optimizer's ``{int: ...}``). Nothing is pickled.
@@ -24,7 +35,8 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +47,7 @@ FORMAT = "fullchain-checkpoint/1"
 META = "meta.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_SUFFIX = ".tmp"
+CORRUPT_PREFIX = "corrupt-"
 _CHUNK = 8 << 20
 
 # ---- names ---------------------------------------------------------------------------------------
@@ -219,16 +232,35 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
 
 
-def retention(directory: Path, keep_last: int, keep_every: int | None, protect: Path) -> list[Path]:
-    """Delete committed checkpoints beyond the newest `keep_last`, except multiples of `keep_every`."""
-    found = committed(directory)
-    keep = {p for _, p in found[-keep_last:]} | {protect}
-    if keep_every:
-        keep |= {p for s, p in found if s % keep_every == 0}
-    doomed = [p for _, p in found if p not in keep]
-    for p in doomed:
-        remove_tree(p)
+def retention(directory: Path, keep_last: int, keep_every: int | None, protect: Path,
+              trusted: Callable[[Path], bool]) -> list[Path]:
+    """Delete committed checkpoints beyond the newest `keep_last`, except multiples of `keep_every`.
+
+    Only checkpoints that `trusted` accepts (they verify, or this process wrote them) are counted or deleted:
+    one that does not verify stays where it is, for whoever looks into what went wrong.
+    """
+    kept, doomed = 0, []
+    for step, path in reversed(committed(directory)):
+        if kept < keep_last:
+            if path == protect or trusted(path):
+                kept += 1
+        elif path != protect and not (keep_every and step % keep_every == 0) and trusted(path):
+            doomed.append(path)
+    for path in doomed:
+        remove_tree(path)
     return doomed
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint that does not verify to ``corrupt-<name>-<UTC time>`` beside it; returns the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{stamp}"), 1
+    while os.path.lexists(target):  # rename() would replace an empty directory of that name
+        n += 1
+        target = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{stamp}-{n}")
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    return target
 
 
 # ---- verification --------------------------------------------------------------------------------
@@ -257,15 +289,40 @@ REQUIRED = {"single": ("model.json", "optimizer.json", "trainer.json"),
             "dcp": ("optimizer.json", "trainer.json", "dcp/.metadata")}
 
 
+def _unreadable(exc: OSError, name: str | None = None) -> str:
+    return f"cannot read {name or exc.filename or 'the checkpoint'} ({exc.strerror or exc})"
+
+
+def unlisted_files(path: Path, listed: Iterable[str]) -> list[str]:
+    """Files (and symlinks) under `path`, relative POSIX names, that are neither meta.json nor in `listed`.
+
+    Raises OSError when a directory cannot be listed (`Path.rglob` would skip it silently)."""
+    known = {*listed, META}
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    found = []
+    for root, dirs, names in os.walk(path, onerror=fail):
+        here = Path(root)
+        for name in [*names, *(d for d in dirs if (here / d).is_symlink())]:
+            if (rel := (here / name).relative_to(path).as_posix()) not in known:
+                found.append(rel)
+    return sorted(found)
+
+
 def verify(path: Path) -> list[str]:
-    """Problems of one checkpoint directory (empty when it is complete and every checksum matches)."""
+    """Problems of one checkpoint directory: empty when it is complete, every file in it is listed in meta.json
+    and every checksum matches. What cannot be read (permissions, I/O errors) is a problem, not an exception."""
     path = Path(path)
-    if not path.is_dir():
-        return [f"{path} is not a directory"]
     try:
+        if not path.is_dir():
+            return [f"{path} is not a directory"]
         meta = read_meta(path)
     except ValueError as exc:
         return [str(exc)]
+    except OSError as exc:
+        return [_unreadable(exc)]
     problems = []
     m = STEP_DIR.match(path.name)
     if m and int(m.group(1)) != meta["step"]:
@@ -280,17 +337,25 @@ def verify(path: Path) -> list[str]:
         if name == META or root not in file.parents:
             problems.append(f"{META} lists a file outside the checkpoint: {name!r}")
             continue
-        if not file.is_file():
-            problems.append(f"missing file {name}")
-            continue
         try:
+            if not file.is_file():
+                problems.append(f"missing file {name}")
+                continue
             size = file.stat().st_size
             if size != info["bytes"]:
                 problems.append(f"size mismatch for {name}: {size} bytes, expected {info['bytes']} (truncated?)")
             elif hash_file(file)["sha256"] != info["sha256"]:
                 problems.append(f"checksum mismatch for {name} (sha256 differs from {META})")
         except OSError as exc:
-            problems.append(f"cannot read {name} ({exc.strerror or exc})")
+            problems.append(_unreadable(exc, name))
         except (KeyError, TypeError):
             problems.append(f"{META} entry for {name} lacks 'bytes'/'sha256'")
+    try:
+        unlisted = unlisted_files(path, meta["files"])
+    except OSError as exc:
+        problems.append(_unreadable(exc))
+    else:
+        if unlisted:
+            problems.append(f"files not listed in {META}: {', '.join(unlisted[:10])}"
+                            f"{f' and {len(unlisted) - 10} more' if len(unlisted) > 10 else ''}")
     return problems

@@ -14,8 +14,12 @@ class CheckpointError(UserError):
     """A checkpoint could not be written, read or applied; the message names the path and the cause."""
 
 
+class NoValidCheckpoint(CheckpointError):
+    """A resume found checkpoints but none that verifies; the message lists each, why, and the opt-in."""
+
+
 class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (it does not verify); the message says what is wrong with it."""
+    """A checkpoint was skipped or moved aside (it does not verify); the message says what is wrong with it."""
 
 
 @dataclass

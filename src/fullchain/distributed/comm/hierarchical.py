@@ -1,11 +1,11 @@
-"""Hierarchical all-reduce over nodes of consecutive ranks (MISSION C6).
+"""Hierarchical all-reduce over nodes of consecutive ranks, and its DDP hook (MISSION C6).
 
 Ranks ``[k * P, (k + 1) * P)`` form node ``k`` (``P = procs_per_node``). The all-reduce of a tensor is
 
 1. a reduce-scatter inside the node (``dist.reduce_scatter_tensor`` on the intra-node group; gloo supports it
    natively in torch 2.13, so no emulation is needed): local rank ``i`` gets the node's sum of shard ``i``;
 2. an all-reduce of shard ``i`` across nodes, on the inter-node group of all ranks with local rank ``i``
-   (fp32, or the INT8 all-to-all / all-gather path of :mod:`fullchain.distributed.compression`);
+   (fp32, or the INT8 all-to-all / all-gather path of :mod:`fullchain.distributed.comm.int8`);
 3. an all-gather of the shards inside the node.
 
 Only ``1 / P`` of the tensor crosses the inter-node link per rank. Bytes are counted per link class: intra-node
@@ -22,17 +22,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fullchain.distributed.compression import (
+from fullchain.distributed.comm.counters import CommStats, ring_allreduce_bytes
+from fullchain.distributed.comm.int8 import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_COMPRESSION_START_STEP,
-    CommStats,
-    HookState,
     Int8HookState,
-    _completed,
-    _int8_allreduce,
-    bucket_key,
-    ring_allreduce_bytes,
+    int8_allreduce_uncounted_,
 )
+from fullchain.distributed.comm.state import HookState, bucket_key, completed
 from fullchain.errors import UserError
 
 
@@ -104,7 +101,7 @@ def _hierarchical_sum_(
 
     if nodes > 1:
         if int8_state is not None and tensor.dtype == torch.float32:
-            sent, _ = _int8_allreduce(shard, int8_state, key, topology.inter_group, average=False)
+            sent = int8_allreduce_uncounted_(shard, int8_state, key, topology.inter_group, average=False)
         else:
             dist.all_reduce(shard, group=topology.inter_group)
             sent = ring_allreduce_bytes(shard_len, itemsize, nodes)
@@ -193,4 +190,4 @@ def hierarchical_hook(state: HierarchicalHookState, bucket: dist.GradBucket) -> 
     hierarchical_allreduce_(buffer, state.topology, state.stats, int8_state, bucket_key(bucket), average=True)
     if bucket.is_last():
         state._end_iteration()
-    return _completed(buffer)
+    return completed(buffer)
