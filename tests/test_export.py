@@ -68,7 +68,7 @@ def test_parity_check_catches_a_model_that_differs(tmp_path):
 
 @pytest.fixture(scope="module")
 def text_artifact(tmp_path_factory) -> Path:
-    from fullchain.pipeline import train_stage
+    from fullchain.stages.train import train_stage
 
     root = tmp_path_factory.mktemp("export")
     cfg = validate_config({

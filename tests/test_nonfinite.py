@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fullchain.config import validate_config
-from fullchain.pipeline import train_stage
+from fullchain.stages.train import train_stage
 from fullchain.train.nonfinite import NonFiniteTraining
 
 

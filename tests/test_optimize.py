@@ -388,7 +388,7 @@ def test_fuse_qkv_concatenates_mixed_biases_exactly():
 @pytest.fixture(scope="module")
 def text_artifact(tmp_path_factory):
     from fullchain.config import validate_config
-    from fullchain.pipeline import train_stage
+    from fullchain.stages.train import train_stage
 
     root = tmp_path_factory.mktemp("opt")
     cfg = validate_config({

@@ -100,7 +100,8 @@ def test_ptq_inductor_converts_to_onednn_int8_kernels_and_the_saved_program_relo
 @pytest.mark.slow
 def test_inductor_int8_artifact_is_served_from_its_program_not_its_float_weights(artifact, bundle, tmp_path):
     from fullchain.artifact import load as load_runtime
-    from fullchain.optimize.quantize import load_program, quantize_artifact
+    from fullchain.optimize.quantize import load_program
+    from fullchain.stages.quantize import quantize_artifact
 
     out = tmp_path / "int8"
     quantize_artifact(artifact, out, OptimizeConfig(quantize="ptq", backend="inductor", calib_samples=128))
@@ -117,7 +118,7 @@ def test_inductor_int8_artifact_is_served_from_its_program_not_its_float_weights
 
 def test_quantize_artifact_onnxruntime_writes_a_servable_qdq_int8_model(artifact, tmp_path):
     from fullchain.artifact import load as load_runtime
-    from fullchain.optimize.quantize import quantize_artifact
+    from fullchain.stages.quantize import quantize_artifact
 
     out = tmp_path / "int8"
     report = quantize_artifact(artifact, out, OptimizeConfig(quantize="ptq", backend="onnxruntime", calib_samples=256))
@@ -138,14 +139,15 @@ def test_quantize_artifact_onnxruntime_writes_a_servable_qdq_int8_model(artifact
     assert logits.shape == (2, 10)
     with pytest.raises(UserError, match="serve it with --runtime onnxruntime"):
         load_runtime(out, "torch")
-    from fullchain.evaluate import evaluate_artifact
+    from fullchain.stages.evaluate import evaluate_artifact
 
     scored = evaluate_artifact(out, split="test")  # ds evaluate scores the int8 model too
     assert abs(scored["accuracy"] - report["accuracy_quantized"]) <= 0.005
 
 
 def test_guard_rejects_a_calibration_on_blank_images_and_writes_nothing(artifact, bundle, tmp_path):
-    from fullchain.optimize.quantize import QuantizationRejected, quantize_artifact
+    from fullchain.optimize.quantize import QuantizationRejected
+    from fullchain.stages.quantize import quantize_artifact
 
     class Blank(torch.utils.data.Dataset):
         def __len__(self):
@@ -172,7 +174,7 @@ def test_guard_rejects_a_calibration_on_blank_images_and_writes_nothing(artifact
 def test_qat_artifact_keeps_its_trained_float_weights_and_stays_within_one_point(artifact, tmp_path):
     from safetensors.torch import load_file
 
-    from fullchain.optimize.quantize import quantize_artifact
+    from fullchain.stages.quantize import quantize_artifact
 
     out = tmp_path / "qat"
     settings = OptimizeConfig(quantize="qat", backend="onnxruntime", qat_steps=30, calib_samples=256)

@@ -21,17 +21,17 @@ from hypothesis import strategies as st
 from fullchain import metric_names as names
 from fullchain.artifact import load
 from fullchain.config import validate_config
-from fullchain.deploy.export import export_artifact
 from fullchain.deploy.payloads import sample_requests
 from fullchain.deploy.preprocess import Preprocessor
 from fullchain.deploy.process import ServerProcess
-from fullchain.evaluate import evaluate_artifact
+from fullchain.stages.evaluate import evaluate_artifact
+from fullchain.stages.export import export_artifact
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 
 
 def train(root, name, model, data, steps):
-    from fullchain.pipeline import train_stage
+    from fullchain.stages.train import train_stage
 
     cfg = validate_config({
         "name": name, "runs_dir": str(root), "model": model, "data": data,
@@ -252,7 +252,7 @@ def test_exported_onnx_text_model_serves_the_labels_torch_gives(tmp_path):
 
 
 def test_ds_run_exports_serves_under_load_and_records_the_figures(tmp_path):
-    from fullchain.pipeline import run_pipeline
+    from fullchain.stages.run import run_pipeline
 
     cfg = validate_config({
         "name": "chain", "runs_dir": str(tmp_path), "model": {"name": "mlp"}, "data": {"name": "digits"},
@@ -260,8 +260,9 @@ def test_ds_run_exports_serves_under_load_and_records_the_figures(tmp_path):
         "export": {"enabled": True}, "serve": {"enabled": True, "runtime": "onnxruntime", "load_seconds": 1,
                                                 "load_concurrency": 8},
     })
-    summary = run_pipeline(cfg)
-    assert json.loads((tmp_path / "chain" / "summary.json").read_text()) == summary
+    result = run_pipeline(cfg)
+    summary = result.summary
+    assert not result.failed and json.loads((tmp_path / "chain" / "summary.json").read_text()) == summary
     export, serve = summary["export"], summary["serve"]
     assert export["parity_ok"] and export["parity_max_abs_error"] < 1e-4
     assert export["latency_ms_batch1"]["onnxruntime_ms"] > 0

@@ -196,6 +196,8 @@ class OptimizerConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    head_lr_scale: float = Field(20.0, gt=0, description="a pretrained model's newly initialised head learns at "
+                                                         "lr x this (1e-3 for the usual 5e-5), its body at lr")
     args: Arguments = Field(default_factory=dict, description="extra keyword arguments for the optimiser")
 
 

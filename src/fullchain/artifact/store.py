@@ -43,7 +43,7 @@ def _build(directory: Path, meta: ArtifactMeta, trust_code: bool) -> torch.nn.Mo
     if "hf" in meta.builder:
         from fullchain.models.hf import build_from_config
 
-        return build_from_config(directory)
+        return build_from_config(directory, pooling=meta.args.get("pooling", "head"))
     from fullchain.models import build_model
     from fullchain.models.targets import TargetOrigin
 

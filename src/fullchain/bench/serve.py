@@ -56,7 +56,7 @@ def _settings(quick: bool) -> dict:
 
 
 def train_model(root: Path, steps: int) -> Path:
-    from fullchain.pipeline import train_stage
+    from fullchain.stages.train import train_stage
 
     cfg = validate_config({
         "name": "bench_serve", "runs_dir": str(root), "seed": 0,

@@ -21,14 +21,18 @@ MIN_STD = 1e-6
 
 
 class Pairs(Dataset):
-    """Samples ``{input_name: inputs[i], "labels": targets[i]}`` (a 0-d label or a target sequence)."""
+    """Samples ``{input_name: inputs[i], "labels": targets[i]}`` (a 0-d label or a target sequence).
 
-    def __init__(self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor, input_name: str) -> None:
+    Text splits also keep their raw `texts`, so a baseline that reads words (TF-IDF) scores the same samples."""
+
+    def __init__(self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor, input_name: str,
+                 texts: Sequence[str] | None = None) -> None:
         if len(inputs) != len(targets):
             raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
         self.inputs = inputs
         self.targets = targets
         self.input_name = input_name
+        self.texts = texts
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -160,7 +160,8 @@ def text_bundle(
     def pairs(idx: np.ndarray | None) -> Pairs | None:
         if idx is None:
             return None
-        return Pairs(encoding.encode([texts[i] for i in idx]), targets[idx], TOKENS)
+        raw = [texts[i] for i in idx]
+        return Pairs(encoding.encode(raw), targets[idx], TOKENS, texts=raw)
 
     vocab_size = encoding.vocab_size
     return DataBundle(

@@ -1,6 +1,6 @@
 """`ds train --nproc-per-node N`: start the run under torchrun (elastic rendezvous, restarts on failure).
 
-Each worker runs `python -m fullchain.distributed.worker RUN.yaml ...`. A restarted worker resumes from the
+Each worker runs `python -m fullchain.cli.worker RUN.yaml ...`. A restarted worker resumes from the
 newest valid checkpoint by itself. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 works around a torch 2.13 + gloo trap:
 with torchrun's shared rendezvous store, restarted workers read the dead group's addresses and never connect.
 """
@@ -42,7 +42,7 @@ def torchrun_command(
         # torchrun recognises the rendezvous host by its hostname; an address of a network namespace
         # (the emulated cluster) it does not, so the node that owns the endpoint says so itself.
         *(["--rdzv-conf=is_host=1"] if local_addr and endpoint.rpartition(":")[0] == local_addr else []),
-        "-m", "fullchain.distributed.worker", str(config),
+        "-m", "fullchain.cli.worker", str(config),
     ]
     for assignment in overrides:
         cmd += ["--set", assignment]

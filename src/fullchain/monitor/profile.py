@@ -153,21 +153,3 @@ def profile_report(result: ProfileResult, source: str) -> Report:
     return Report(f"ds profile: {source}", source, diagnose(facts), facts,
                   bars=[("seconds per phase over the profiled steps", result.seconds)], tables=[split, ops],
                   notes=notes)
-
-
-def profile_run(cfg: Any, steps: int, out_dir: Path) -> tuple[ProfileResult, Report]:
-    """Builds the run file's data, model and optimiser as `ds train` does, then profiles `steps` steps."""
-    from fullchain.data import build_data
-    from fullchain.distributed.strategy import LocalStrategy, resolve_device
-    from fullchain.pipeline import build_model_for, build_optimizer, seed_everything
-    from fullchain.train.trainer import Trainer
-
-    seed_everything(cfg.seed)
-    bundle = build_data(cfg.data, seed=cfg.seed)
-    model, _, _ = build_model_for(cfg, bundle)
-    train_cfg = cfg.train.model_copy(update={"progress": False, "tensorboard": False})
-    trainer = Trainer(model, build_optimizer(model, cfg.train.optimizer), bundle.train, None, train_cfg,
-                      collate_fn=bundle.collate, seed=cfg.seed,
-                      strategy=LocalStrategy(resolve_device(cfg.train.device)))
-    result = profile_trainer(trainer, steps, out_dir)
-    return result, profile_report(result, f"{cfg.name} ({cfg.data.name}, {steps} steps)")

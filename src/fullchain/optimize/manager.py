@@ -48,9 +48,12 @@ class PassOutcome:
 
 
 def resolve_pass_names(names: list[str] | tuple[str, ...]) -> list[str]:
-    """``["all"]`` -> every pass in registry order; unknown names are a user error naming the known ones."""
-    if not names or list(names) == ["all"]:
+    """``["all"]`` -> every pass in registry order, ``[]`` or ``["none"]`` -> none; unknown names are a user error
+    naming the known ones."""
+    if list(names) == ["all"]:
         return list(PASSES)
+    if list(names) in ([], ["none"]):
+        return []
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise UserError(f"unknown pass {unknown[0]!r}; known passes: all, {', '.join(PASSES)}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import transformers
 from transformers import CONFIG_MAPPING, PreTrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.utils import CONFIG_NAME
 
 from fullchain.errors import UserError, one_line
@@ -35,14 +35,17 @@ def read_config_values(directory: Path) -> dict[str, Any]:
     return values
 
 
-def classifier_config(values: Mapping[str, Any], where: str) -> PreTrainedConfig:
-    """The typed config for ``values`` (a config.json's contents, described as ``where`` in messages)."""
+def classifier_config(values: Mapping[str, Any], where: str, head: bool = True) -> PreTrainedConfig:
+    """The typed config for ``values`` (a config.json's contents, described as ``where`` in messages): of a
+    built-in sequence classifier (``head``), or of a built-in base model (for a pooled classifier)."""
     if "auto_map" in values:
         raise UserError(f"{where}: 'auto_map' names custom model code; fullchain builds only architectures built "
                         "into transformers and never runs code from a checkpoint")
     model_type = values.get("model_type")
-    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise UserError(f"{where}: model_type {model_type!r} has no sequence classifier built into transformers "
+    known = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if head else MODEL_MAPPING_NAMES
+    if model_type not in known:
+        what = "sequence classifier" if head else "base model"
+        raise UserError(f"{where}: model_type {model_type!r} has no {what} built into transformers "
                         f"{transformers.__version__}")
     try:
         return CONFIG_MAPPING[model_type].from_dict(dict(values))

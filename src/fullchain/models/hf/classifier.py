@@ -21,12 +21,15 @@ import torch
 from rich.console import Console
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModelForSequenceClassification, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedConfig, PreTrainedModel
 from transformers.utils import CONFIG_NAME
 
 from fullchain.errors import UserError, one_line
 from fullchain.models.hf.architecture import classifier_config, read_config_values
+from fullchain.models.hf.pooling import PooledClassifier, declared_pooling
 from fullchain.models.hf.quiet import quiet_transformers
+
+HEAD = "head"  # the architecture's own sequence-classification head (transformers' *ForSequenceClassification)
 
 
 class HFClassifier(nn.Module):
@@ -45,8 +48,9 @@ class HFClassifier(nn.Module):
 
 
 def pretrained_classifier(
-    directory: Path, label_names: Sequence[str], pad_id: int, console: Console | None = None
-) -> HFClassifier:
+    directory: Path, label_names: Sequence[str], pad_id: int, console: Console | None = None,
+    pooling: str | None = None,
+) -> HFClassifier | PooledClassifier:
     """The checkpoint in ``directory`` with a new head for ``label_names``, padding with ``pad_id``.
 
     ``pad_id`` must be the id the tokenizer pads with (`TextEncoder.pad_id`): GPT-2-style classifiers read
@@ -54,14 +58,16 @@ def pretrained_classifier(
     One line on ``console`` names the tensors that were initialised rather than loaded.
     """
     directory = Path(directory)
-    config = classifier_config(read_config_values(directory), str(directory / CONFIG_NAME))
+    pooling = pooling or declared_pooling(directory) or HEAD
+    config = classifier_config(read_config_values(directory), str(directory / CONFIG_NAME), head=pooling == HEAD)
     config.id2label = dict(enumerate(label_names))
     config.label2id = {name: index for index, name in enumerate(label_names)}
     config.pad_token_id = pad_id
     _without_cache(config)
+    auto = AutoModelForSequenceClassification if pooling == HEAD else AutoModel
     try:
         with quiet_transformers():
-            hf, info = AutoModelForSequenceClassification.from_pretrained(
+            hf, info = auto.from_pretrained(
                 directory,
                 config=config,
                 dtype=torch.float32,
@@ -73,12 +79,20 @@ def pretrained_classifier(
             )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"{directory}: could not load the pretrained weights: {one_line(exc)}") from None
-    _report_load(console or Console(stderr=True), directory, hf, info)
-    return HFClassifier(hf.train())  # from_pretrained hands back eval mode; build_from_config does not
+    model = HFClassifier(hf) if pooling == HEAD else PooledClassifier(hf, len(label_names), pooling)
+    mismatched = {key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys", ())}
+    fresh = sorted(set(info.get("missing_keys", ())) | mismatched)
+    model.fresh_parameters = [f"hf.{key}" for key in fresh] + ([] if pooling == HEAD else ["classifier.weight",
+                                                                                            "classifier.bias"])
+    _report_load(console or Console(stderr=True), directory, hf, fresh, info, pooling)
+    return model.train()  # from_pretrained hands back eval mode; build_from_config does not
 
 
-def build_from_config(config: Path | Mapping[str, Any], device: str | torch.device = "cpu") -> HFClassifier:
-    """The classifier described by a model directory's config.json (or its parsed contents), without weights.
+def build_from_config(
+    config: Path | Mapping[str, Any], device: str | torch.device = "cpu", pooling: str = "head"
+) -> HFClassifier | PooledClassifier:
+    """The classifier described by a model directory's config.json (or its parsed contents), without weights:
+    the architecture's own head (``pooling="head"``), or a `PooledClassifier` over its base model.
 
     The weights are freshly initialised from the torch seed, or left unallocated with ``device="meta"``
     (for sizing and sharding before `fullchain.models.hf.artifact.load_weights` or a sharded load).
@@ -87,11 +101,12 @@ def build_from_config(config: Path | Mapping[str, Any], device: str | torch.devi
         values, where = config, "config"
     else:
         values, where = read_config_values(Path(config)), str(Path(config) / CONFIG_NAME)
-    hf_config = classifier_config(values, where)
+    hf_config = classifier_config(values, where, head=pooling == HEAD)
     _without_cache(hf_config)
+    auto = AutoModelForSequenceClassification if pooling == HEAD else AutoModel
     with torch.device(device):
-        hf = AutoModelForSequenceClassification.from_config(hf_config, dtype=torch.float32, trust_remote_code=False)
-    return HFClassifier(hf)
+        hf = auto.from_config(hf_config, dtype=torch.float32, trust_remote_code=False)
+        return HFClassifier(hf) if pooling == HEAD else PooledClassifier(hf, hf_config.num_labels, pooling)
 
 
 def max_positions(model: HFClassifier) -> int | None:
@@ -127,11 +142,12 @@ def _without_cache(config: PreTrainedConfig) -> None:
         config.use_cache = False
 
 
-def _report_load(console: Console, directory: Path, hf: PreTrainedModel, info: dict[str, Any]) -> None:
-    mismatched = {key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys", ())}
-    fresh = sorted(set(info.get("missing_keys", ())) | mismatched)
+def _report_load(console: Console, directory: Path, hf: PreTrainedModel, fresh: list[str], info: dict[str, Any],
+                 pooling: str) -> None:
     unused = info.get("unexpected_keys", ())
-    line = f"{directory}: pretrained {type(hf).__name__}, newly initialised: {', '.join(fresh) or 'nothing'}"
+    head = "its own classification head" if pooling == HEAD else f"{pooling} pooling and a new linear head"
+    line = (f"{directory}: pretrained {type(hf).__name__} with {head}; newly initialised in the checkpoint's "
+            f"model: {', '.join(fresh) or 'nothing'}")
     if unused:
         line += f"; {len(unused)} checkpoint tensors unused"
     console.print(line, highlight=False, soft_wrap=True)

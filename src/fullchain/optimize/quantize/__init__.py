@@ -5,12 +5,11 @@
 - ``onnxruntime``: ONNX Runtime's static QDQ (or dynamic) quantisation of the exported model (`onnxrt`);
   the artifact holds ``model.onnx``, served through `fullchain.artifact.load`.
 
-QAT (`qat`) fine-tunes with fake quantisation through the ordinary Trainer. `stage.quantize_artifact` is
+QAT (`qat`) fine-tunes with fake quantisation through the ordinary Trainer. `fullchain.stages.quantize` is
 the `ds optimize --quantize` entry point; `guard` refuses a model that lost too much accuracy.
 """
 
 from fullchain.optimize.quantize.guard import QuantizationRejected
 from fullchain.optimize.quantize.pt2e import load_program
-from fullchain.optimize.quantize.stage import quantize_artifact
 
-__all__ = ["QuantizationRejected", "load_program", "quantize_artifact"]
+__all__ = ["QuantizationRejected", "load_program"]

@@ -68,7 +68,7 @@ def optimize_artifact(
         raise UserError(f"--out {out_dir}: must differ from the model directory (the original is kept)")
     _check_source(model_dir, read_meta(model_dir))
     if settings.quantize != "none":  # quantisation loads the fp32 model itself
-        from fullchain.optimize.quantize import quantize_artifact
+        from fullchain.stages.quantize import quantize_artifact
 
         section = quantize_artifact(model_dir, out_dir, settings, console, bundle=bundle, trust_code=trust_code)
         report = {"source": str(model_dir), "quantize": section}
@@ -123,7 +123,7 @@ def optimize_artifact(
     if b["peak_memory_bytes_batch8"] and a["peak_memory_bytes_batch8"] is not None:
         report["peak_memory_ratio_batch8"] = round(a["peak_memory_bytes_batch8"] / b["peak_memory_bytes_batch8"], 3)
     if evaluate and (spec.data is not None or bundle is not None):
-        from fullchain.evaluate import evaluate_artifact
+        from fullchain.stages.evaluate import evaluate_artifact
 
         with console.status("scoring both artifacts on the test split"):
             scored = {name: evaluate_artifact(d, split="test", bundle=bundle, trust_code=trust_code)

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
+
+from rich.console import Console
 
 from fullchain.artifact import META, ONNX_FILE, TOKENIZER, load_artifact, read_meta
+from fullchain.config import RunConfig
 from fullchain.errors import UserError
 from fullchain.runtime.onnx import ExportReport, compare_latency, export_onnx
 
@@ -86,3 +90,20 @@ def export_artifact(
         report.notes += tensorrt.build_engine(builder, onnx_path, out, task, fp16=fp16)
         report.path = str(out)
     return report
+
+
+def export_stage(cfg: RunConfig, model_dir: Path, console: Console) -> dict[str, Any]:
+    report = export_artifact(model_dir, None, cfg.export.format, cfg.export.dynamic_batch, cfg.export.opset,
+                             trust_code=cfg.model.target is not None)
+    for note in report.notes:
+        console.print(f"export: {note}", highlight=False)
+    if not report.parity_ok:
+        console.print(f"[bold red]export: ONNX differs from torch by {report.max_abs_error:.2e}[/]")
+    return {
+        "format": cfg.export.format,
+        "path": report.path,
+        "exporter": report.exporter,
+        "parity_ok": report.parity_ok,
+        "parity_max_abs_error": report.max_abs_error,
+        "latency_ms_batch1": report.latency_ms,
+    }

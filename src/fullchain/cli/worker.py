@@ -1,4 +1,4 @@
-"""One torchrun worker: `python -m fullchain.distributed.worker RUN.yaml [--set K=V ...] [--resume auto|PATH]
+"""One torchrun worker: `python -m fullchain.cli.worker RUN.yaml [--set K=V ...] [--resume auto|PATH]
 [--allow-fresh]`.
 
 A worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes from the newest valid checkpoint
@@ -16,7 +16,7 @@ from fullchain.errors import UserError, report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fullchain.distributed.worker")
+    parser = argparse.ArgumentParser(prog="fullchain.cli.worker")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--resume", default=None)
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
         from fullchain.config import load_config
-        from fullchain.pipeline import train_stage
+        from fullchain.stages.train import train_stage
 
         cfg = load_config(args.config, args.overrides)
         train_stage(cfg, resume="auto" if restarted else args.resume,

@@ -1,17 +1,14 @@
-"""The stages behind `ds train` and `ds run`: from a validated run config to a run directory.
+"""The train stage (`ds train`, the first stage of `ds run`): from a validated run config to a model artifact.
 
-`train_stage` builds data, model and optimiser from the config, trains with the Trainer and writes the
-model artifact; `run_pipeline` walks every stage in order and records each stage's headline figures in
-``summary.json``. Later stages (optimize, export, serve) read only the files earlier stages wrote.
+`train_stage` builds data, model and optimiser from the config, trains with the Trainer and writes the model
+artifact into ``runs/<name>/model``. Later stages read only the files it wrote.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +23,14 @@ from fullchain.data import DataBundle, build_data
 from fullchain.distributed.ddp import DDPStrategy, launched_by_torchrun
 from fullchain.distributed.strategy import LocalStrategy, resolve_device
 from fullchain.errors import TrainingStopped, UserError
-from fullchain.evaluate import evaluate_artifact
 from fullchain.models import MODELS, build_model, count_parameters, model_args_from_data
 from fullchain.models.targets import TargetOrigin
+from fullchain.tasks import Task, task_for
 from fullchain.train.checkpoint import Checkpointer
 from fullchain.train.trainer import Trainer, TrainResult
 
 console = Console(stderr=True)
+HF_INPUTS = ("input_ids", "attention_mask")  # what a Hugging Face encoder is called with
 
 
 def seed_everything(seed: int) -> None:
@@ -42,11 +40,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The configured optimiser. A pretrained model's freshly initialised head (its `fresh_parameters`) is a
+    second parameter group at ``lr * head_lr_scale``: a new layer needs a from-scratch rate, the pretrained
+    body only a nudge."""
+    fresh = set(getattr(model, "fresh_parameters", ()))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n not in fresh]}]
+    if fresh:
+        groups.append({"params": [p for n, p in named if n in fresh], "lr": cfg.lr * cfg.head_lr_scale})
     kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **cfg.args}
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.name]
     try:
-        return cls(params, **kwargs)
+        return cls(groups, **kwargs)
     except TypeError as exc:
         raise UserError(f"train.optimizer.args: {exc}") from None
 
@@ -57,6 +62,51 @@ class TrainOutcome:
     model_dir: Path
     bundle: DataBundle
     parameters: int
+
+
+@dataclass
+class Prepared:
+    """The data, the model and its task, and how model.json will name the builder."""
+
+    bundle: DataBundle
+    model: torch.nn.Module
+    task: Task
+    builder: dict[str, str]
+    args: dict[str, Any]
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """The run file's data and model: a pretrained Hugging Face checkpoint, or a model built for the data."""
+    if cfg.model.hf is not None:
+        return prepare_pretrained(cfg)
+    with console.status(f"loading {cfg.data.name}"):
+        bundle = build_data(cfg.data, seed=cfg.seed)
+    model, builder, args = build_model_for(cfg, bundle)
+    return Prepared(bundle, model, bundle.task, builder, args)
+
+
+def prepare_pretrained(cfg: RunConfig) -> Prepared:
+    """`model: {hf: SOURCE}`: the checkpoint's body with a new head, reading text with its own tokenizer."""
+    from fullchain.models import hf
+
+    unknown = set(cfg.model.args) - {"pooling"}
+    if unknown:
+        raise UserError(f"{cfg.source}: model.args: {', '.join(sorted(unknown))} cannot be set for a pretrained model "
+                        "(its architecture comes from its config.json); only pooling: head, mean, cls or max")
+    pooling = cfg.model.args.get("pooling")
+    if pooling not in (None, "head", *hf.POOLINGS):
+        raise UserError(f"{cfg.source}: model.args.pooling: {pooling!r} is not one of head, {', '.join(hf.POOLINGS)}")
+    source = hf.resolve_source(cfg.model.hf)
+    encoder = hf.load_text_encoder(source, cfg.data.tokenizer.max_length)
+    with console.status(f"loading {cfg.data.name}"):
+        bundle = build_data(cfg.data, seed=cfg.seed, encoding=encoder)
+    if bundle.kind != "text":
+        raise UserError(f"{cfg.source}: model.hf classifies text, but data {cfg.data.name!r} is {bundle.kind} data")
+    model = hf.pretrained_classifier(source, bundle.label_names, encoder.pad_id, console, pooling)
+    hf.check_max_length(model, encoder.max_length)
+    task = task_for({"kind": bundle.kind, **bundle.input_spec}, bundle.label_names, HF_INPUTS)
+    args = {"source": cfg.model.hf, "pooling": getattr(model, "pooling", "head")}
+    return Prepared(bundle, model, task, {"hf": type(model.hf).__name__}, args)
 
 
 def build_model_for(cfg: RunConfig, bundle: DataBundle) -> tuple[torch.nn.Module, dict[str, str], dict[str, Any]]:
@@ -123,13 +173,12 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.seed)
-    with console.status(f"loading {cfg.data.name}"):
-        bundle = build_data(cfg.data, seed=cfg.seed)
-    model, builder, args = build_model_for(cfg, bundle)
+    prepared = prepare(cfg)
+    bundle, model = prepared.bundle, prepared.model
     n_params = count_parameters(model)
     if strategy.is_main:
         console.print(
-            f"[bold]{cfg.name}[/]: {builder.get('name') or builder.get('target')} ({n_params / 1e6:.2f}M params) "
+            f"[bold]{cfg.name}[/]: {next(iter(prepared.builder.values()))} ({n_params / 1e6:.2f}M params) "
             f"on {cfg.data.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
             f"{len(bundle.test)} test, precision {cfg.train.precision}, {strategy.world_size} process(es)"
         )
@@ -147,8 +196,8 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
         bundle.train,
         bundle.val,
         cfg.train,
+        task=prepared.task,
         run_dir=run_dir,
-        collate_fn=bundle.collate,
         seed=cfg.seed,
         strategy=strategy,
         checkpointer=checkpointer,
@@ -173,63 +222,16 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
     if not strategy.is_main:
         strategy.close()
         return None
-    spec = ArtifactMeta(
-        builder=builder,
-        args=args,
+    meta = ArtifactMeta(
+        builder=prepared.builder,
+        args=prepared.args,
         input={"kind": bundle.kind, **bundle.input_spec},
         label_names=bundle.label_names,
         preprocessing=bundle.preprocessing,
         data={"config": cfg.data.model_dump(mode="json"), "seed": cfg.seed},
         extra={"run": cfg.name, "train": result.summary()},
+        task=prepared.task.describe(),
     )
-    model_dir = save_artifact(run_dir / "model", trainer.unwrapped_model.cpu(), spec, encoder=bundle.encoder)
+    model_dir = save_artifact(run_dir / "model", trainer.unwrapped_model.cpu(), meta, encoder=bundle.encoder)
     strategy.close()
     return TrainOutcome(result=result, model_dir=model_dir, bundle=bundle, parameters=n_params)
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    path = run_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
-
-
-def run_report(run_dir: Path) -> dict[str, Any]:
-    """runs/<name>/report.html (+ .json): the log analyser's findings and plots over this run's metrics.jsonl."""
-    from fullchain.monitor.logs import analyze_run
-    from fullchain.monitor.report import write_report
-
-    report = analyze_run(run_dir)
-    html_path, _ = write_report(report, run_dir / "report.html")
-    return {"report": str(html_path), "findings": [f.title for f in report.findings]}
-
-
-def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
-    """`ds run`: every stage in order; returns (and writes) the summary."""
-    started = time.perf_counter()
-    outcome = train_stage(cfg)
-    trust_code = cfg.model.target is not None  # the run file's own model code wrote this artifact
-    eval_metrics = evaluate_artifact(outcome.model_dir, split="test", bundle=outcome.bundle, trust_code=trust_code)
-    summary = {
-        "name": cfg.name,
-        "model_dir": str(outcome.model_dir),
-        "train": {**outcome.result.summary(), "parameters": outcome.parameters},
-        "eval": {k: v for k, v in eval_metrics.items() if k != "confusion_matrix"},
-    }
-    if cfg.optimize.enabled:
-        from fullchain.optimize.pipeline import optimize_artifact, summarize
-
-        report = optimize_artifact(outcome.model_dir, cfg.run_dir / "model-optimized", cfg.optimize,
-                                   console=console, bundle=outcome.bundle, trust_code=trust_code)
-        summary["optimize"] = {"model_dir": str(cfg.run_dir / "model-optimized"), **summarize(report)}
-    if cfg.export.enabled:
-        from fullchain.deploy.stage import export_stage
-
-        summary["export"] = export_stage(cfg, outcome.model_dir, console)
-    if cfg.serve.enabled:
-        from fullchain.deploy.stage import serve_stage
-
-        summary["serve"] = serve_stage(cfg, outcome.model_dir, console)
-    summary["monitor"] = run_report(cfg.run_dir)
-    summary["wall_s"] = round(time.perf_counter() - started, 2)
-    write_summary(cfg.run_dir, summary)
-    return summary

@@ -1,6 +1,6 @@
 """The `ds` command: parses arguments, calls one stage function, maps user errors to exit code 2.
 
-Each command is thin: the work lives in `fullchain.pipeline`, `fullchain.evaluate` and `fullchain.bench`.
+Each command is thin: the work lives in `fullchain.stages` (one module per stage) and `fullchain.bench`.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def train(
             raise typer.Exit(code)
         out.print(f"distributed training finished; model written to {cfg.run_dir / 'model'}")
         return
-    from fullchain.pipeline import train_stage
+    from fullchain.stages.train import train_stage
 
     outcome = train_stage(cfg, resume=resume, allow_fresh=allow_fresh)
     r = outcome.result
@@ -115,7 +115,7 @@ def evaluate(
     trust_code: TrustCode = False,
 ) -> None:
     """Score a model artifact: accuracy, macro-F1 and the confusion matrix."""
-    from fullchain.evaluate import evaluate_artifact
+    from fullchain.stages.evaluate import evaluate_artifact
 
     metrics = evaluate_artifact(model_dir, data=data, split=split, batch_size=batch_size, trust_code=trust_code)
     _print_eval(metrics)
@@ -141,12 +141,17 @@ def _print_eval(metrics: dict) -> None:
 @app.command()
 def run(config: ConfigPath, overrides: Overrides = None) -> None:
     """The main job: every stage of the run file in order; writes runs/<name>/summary.json."""
-    from fullchain.pipeline import run_pipeline
+    from fullchain.stages.run import run_pipeline
 
     cfg = _load(config, overrides)
-    summary = run_pipeline(cfg)
-    out.print_json(json.dumps(summary))
+    result = run_pipeline(cfg)
+    out.print_json(json.dumps(result.summary))
     out.print(f"summary written to {cfg.run_dir / 'summary.json'}")
+    if result.failed:
+        Console(stderr=True).print(f"[bold red]error:[/] stage(s) failed: {', '.join(result.failed)} (details in "
+                                   f"{cfg.run_dir / 'summary.json'}); the later stages ran on "
+                                   f"{result.summary['deployed_model_dir']}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -169,7 +174,7 @@ def optimize(
     from pydantic import ValidationError
 
     from fullchain.config import OptimizeConfig, format_validation_error
-    from fullchain.optimize.pipeline import REPORT, optimize_artifact
+    from fullchain.stages.optimize import REPORT, optimize_artifact
 
     names = [] if passes.strip() == "none" else [p.strip() for p in passes.split(",") if p.strip()]
     try:
@@ -211,7 +216,7 @@ def export(
     trust_code: TrustCode = False,
 ) -> None:
     """Export to ONNX (checked against torch in ONNX Runtime) or a TensorRT engine; fails on a parity miss."""
-    from fullchain.deploy.export import export_artifact
+    from fullchain.stages.export import export_artifact
 
     report = export_artifact(model_dir, out_path, format_, dynamic_batch, opset, fp16, trust_code=trust_code)
     for note in report.notes:
@@ -294,8 +299,8 @@ def profile(
 ) -> None:
     """Profile a few training steps: data/forward/backward/optimiser/comm split, top operators, Chrome trace."""
     from fullchain.monitor.cli import print_findings
-    from fullchain.monitor.profile import profile_run
     from fullchain.monitor.report import write_report
+    from fullchain.stages.profile import profile_run
 
     cfg = _load(config, overrides)
     out_dir = out_dir or cfg.run_dir / "profile"

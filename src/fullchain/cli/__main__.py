@@ -1,0 +1,5 @@
+"""`python -m fullchain.cli`: the `ds` command."""
+
+from fullchain.cli import main
+
+main()
