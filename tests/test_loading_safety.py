@@ -254,7 +254,7 @@ def node_target(marker):
     (node_target, "not a registered tensor op"),
 ])
 def test_a_crafted_program_is_refused_before_torch_opens_it(program, tmp_path, route, why):
-    from fullchain.optimize.quantize import load_program
+    from fullchain.artifact.program import load_program
 
     marker = tmp_path / "pwned"
     crafted = rewrite(program, tmp_path / "model.pt2", route(marker))
@@ -271,7 +271,7 @@ def test_a_crafted_program_is_refused_before_torch_opens_it(program, tmp_path, r
 
 
 def test_a_genuine_program_passes_the_check_and_runs(program):
-    from fullchain.optimize.quantize import load_program
+    from fullchain.artifact.program import load_program
 
     check_program_archive(program)
     module = load_program(program, compile=False)

@@ -359,3 +359,63 @@ def test_count_parameters():
     assert count_parameters(m) == 8
     m.bias.requires_grad_(False)
     assert count_parameters(m, trainable_only=True) == 6
+
+
+TEXT_USER_MODULE = """
+import torch
+from torch import nn
+
+class BagOfWords(nn.Module):
+    def __init__(self, vocab_size, num_labels, width=16):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab_size, width)
+        self.head = nn.Linear(width, num_labels)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+class Pixels(nn.Module):
+    def __init__(self, in_channels, image_size, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+"""
+
+
+@pytest.fixture
+def text_user_module(tmp_path, monkeypatch):
+    name = "fc_test_text_models"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(TEXT_USER_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_user_models_receive_the_data_sizes_they_accept_by_any_usual_name(text_user_module):
+    text = {"vocab_size": 500, "max_length": 64, "num_classes": 4}
+    args = model_args_from_data(None, text, {}, target=f"{text_user_module}:BagOfWords")
+    assert args == {"vocab_size": 500, "num_labels": 4, "width": 16}
+    image = {"channels": 1, "height": 8, "width": 8, "num_classes": 10}
+    assert model_args_from_data(None, image, {}, target=f"{text_user_module}:Pixels") == {
+        "in_channels": 1, "image_size": 8, "num_classes": 10}
+
+
+def test_a_user_value_contradicting_the_data_is_one_line_before_training(text_user_module):
+    text = {"vocab_size": 500, "max_length": 64, "num_classes": 4}
+    with pytest.raises(UserError, match=r"vocab_size=100 is smaller than the data's vocab_size \(500\)") as info:
+        model_args_from_data(None, text, {"vocab_size": 100}, target=f"{text_user_module}:BagOfWords")
+    assert "\n" not in str(info.value)
+    image = {"channels": 3, "height": 8, "width": 8, "num_classes": 10}
+    with pytest.raises(UserError, match=r"in_channels=1 does not match the data \(in_channels=3\)"):
+        model_args_from_data(None, image, {"in_channels": 1}, target=f"{text_user_module}:Pixels")
+
+
+def test_a_model_for_other_data_is_refused_before_training_naming_the_run_file():
+    from fullchain.config import validate_config
+    from fullchain.stages.train import prepare
+
+    cfg = validate_config({"name": "t", "model": {"name": "transformer"}, "data": {"name": "digits"}}, "run.yaml")
+    with pytest.raises(UserError, match=r"^run.yaml: model 'transformer' reads text data, but the data is image"):
+        prepare(cfg)

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fullchain.artifact import ArtifactMeta, read_meta, save_artifact
+from artifact_support import trained_cnn_artifact
+from fullchain.artifact import read_meta
 from fullchain.config import DataConfig, OptimizeConfig
 from fullchain.data import build_data
 from fullchain.errors import UserError
-from fullchain.models import build_model, model_args_from_data
-from fullchain.train.trainer import Trainer
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(
@@ -31,17 +30,9 @@ def bundle():
 
 
 @pytest.fixture(scope="module")
-def artifact(bundle, tmp_path_factory):
+def artifact(tmp_path_factory):
     """A CNN trained for 80 steps (about 70% test accuracy), saved with its data recipe."""
-    args = model_args_from_data("cnn", bundle.input_spec, {"widths": [16, 32, 64]})
-    torch.manual_seed(0)
-    model = build_model(name="cnn", args=args)
-    Trainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), bundle.train,
-            config={"max_steps": 80, "batch_size": 64, "progress": False, "tensorboard": False, "device": "cpu"},
-            collate_fn=bundle.collate).fit()
-    spec = ArtifactMeta(builder={"name": "cnn"}, args=args, input={"kind": bundle.kind, **bundle.input_spec},
-                     label_names=bundle.label_names, data={"config": DATA.model_dump(mode="json"), "seed": 0})
-    return save_artifact(tmp_path_factory.mktemp("fp32") / "model", model.eval(), spec)
+    return trained_cnn_artifact(tmp_path_factory.mktemp("fp32") / "model", DATA, {"widths": [16, 32, 64]}, steps=80)
 
 
 def _model(artifact):
@@ -75,7 +66,8 @@ def test_qat_graph_holds_fake_quantizers_and_trainer_steps_update_their_scales(a
 
 
 def test_ptq_inductor_converts_to_onednn_int8_kernels_and_the_saved_program_reloads(artifact, bundle, tmp_path):
-    from fullchain.optimize.quantize import load_program, pt2e
+    from fullchain.artifact.program import load_program
+    from fullchain.optimize.quantize import pt2e
 
     model = _model(artifact)
     x = _images(bundle, 1, "test")
@@ -100,7 +92,7 @@ def test_ptq_inductor_converts_to_onednn_int8_kernels_and_the_saved_program_relo
 @pytest.mark.slow
 def test_inductor_int8_artifact_is_served_from_its_program_not_its_float_weights(artifact, bundle, tmp_path):
     from fullchain.artifact import load as load_runtime
-    from fullchain.optimize.quantize import load_program
+    from fullchain.artifact.program import load_program
     from fullchain.stages.quantize import quantize_artifact
 
     out = tmp_path / "int8"

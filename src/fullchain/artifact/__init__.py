@@ -15,12 +15,21 @@ Layout::
 into a callable with its task, `program` checks ``model.pt2`` archives.
 """
 
-from fullchain.artifact.meta import FORMAT, META, ONNX_FILE, TOKENIZER, WEIGHTS, ArtifactMeta, read_meta
+from fullchain.artifact.meta import (
+    FORMAT,
+    META,
+    ONNX_FILE,
+    TOKENIZER,
+    TOKENIZER_FILES,
+    WEIGHTS,
+    ArtifactMeta,
+    read_meta,
+)
 from fullchain.artifact.serving import RUNTIMES, LoadedModel, load, quantization_of, resolve_runtime
-from fullchain.artifact.store import load_artifact, load_tokenizer, save_artifact, text_encoding
+from fullchain.artifact.store import load_artifact, load_tokenizer, save_artifact, save_variant, text_encoding
 
 __all__ = [
-    "FORMAT", "META", "ONNX_FILE", "RUNTIMES", "TOKENIZER", "WEIGHTS", "ArtifactMeta", "LoadedModel", "load",
-    "load_artifact", "load_tokenizer", "quantization_of", "read_meta", "resolve_runtime", "save_artifact",
-    "text_encoding",
+    "FORMAT", "META", "ONNX_FILE", "RUNTIMES", "TOKENIZER", "TOKENIZER_FILES", "WEIGHTS", "ArtifactMeta",
+    "LoadedModel", "load", "load_artifact", "load_tokenizer", "quantization_of", "read_meta", "resolve_runtime",
+    "save_artifact", "save_variant", "text_encoding",
 ]

@@ -19,6 +19,8 @@ FORMAT = "fullchain-model/1"
 WEIGHTS = "model.safetensors"
 META = "model.json"
 TOKENIZER = "tokenizer.json"
+# What a text model needs to read requests: ours is tokenizer.json; a pretrained model's tokenizer also has these.
+TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt")
 ONNX_FILE = "model.onnx"
 
 

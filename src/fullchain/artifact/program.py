@@ -158,6 +158,22 @@ def _check_sample_inputs(archive: zipfile.ZipFile, name: str) -> str | None:
     return None
 
 
+def load_program(path: str | Path, compile: bool = True):
+    """Load ``model.pt2`` (an artifact dir or the file), once `check_program_archive` admitted it, as a
+    `FrozenProgram` (compiled per input shape) or, with ``compile=False``, the plain graph module."""
+    from fullchain.optimize.quantize.pt2e import PROGRAM_FILE, FrozenProgram, register_ops
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROGRAM_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; expected a quantised artifact written with --backend inductor")
+    check_program_archive(path)
+    register_ops()
+    module = torch.export.load(str(path)).module()
+    return FrozenProgram(module) if compile else module
+
+
 def check_program_archive(path: str | Path) -> None:
     """Raise `UserError` unless every member of the archive at `path` is safe to load (see the module docstring)."""
     path = Path(path)

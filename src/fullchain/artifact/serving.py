@@ -87,7 +87,7 @@ def load(
         directory, onnx_path = path, path / ONNX_FILE
     meta = read_meta(directory)
     if runtime == "torch" and quantization_of(directory) is not None:  # Inductor int8: the exported program
-        from fullchain.optimize.quantize.pt2e import load_program
+        from fullchain.artifact.program import load_program
 
         engine: Runtime = TorchRuntime(load_program(directory), threads)
     elif runtime == "torch":

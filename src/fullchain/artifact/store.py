@@ -10,13 +10,14 @@ with ``trust_code``: see `fullchain.models.targets`). An optimised artifact repl
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
 
-from fullchain.artifact.meta import META, TOKENIZER, WEIGHTS, ArtifactMeta, read_meta
+from fullchain.artifact.meta import META, TOKENIZER, TOKENIZER_FILES, WEIGHTS, ArtifactMeta, read_meta
 from fullchain.data.tokenizer import TextEncoder, TextEncoding
 from fullchain.errors import UserError
 
@@ -37,6 +38,20 @@ def save_artifact(
         encoder.save(directory)
     (directory / META).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
     return directory
+
+
+def save_variant(
+    out_dir: Path, source_dir: Path, model: torch.nn.Module, meta: ArtifactMeta, **extra: dict[str, Any]
+) -> Path:
+    """An artifact derived from the one in `source_dir` (optimised, int8): `model`'s weights, the source's
+    tokenizer files, and its model.json with `extra` sections (``optimize=...``, ``quantize=...``) added."""
+    derived = ArtifactMeta.from_json(meta.to_json())
+    derived.extra = {**meta.extra, **extra}
+    out_dir = save_artifact(out_dir, model, derived)
+    for name in TOKENIZER_FILES:
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, out_dir / name)
+    return out_dir
 
 
 def _build(directory: Path, meta: ArtifactMeta, trust_code: bool) -> torch.nn.Module:

@@ -103,7 +103,7 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     dev = resolve_device(device)
     if quick:
         data_cfg = DataConfig(name="digits", val_fraction=0.0, test_fraction=0.2)
-        model_name, model_args, batch_size, total_steps, repeats = "cnn", {}, 64, 100, 11
+        model_name, model_args, batch_size, total_steps, repeats = "cnn", {}, 64, 50, 5
     else:
         data_cfg = DataConfig(name="fashion_mnist", val_fraction=0.0, test_fraction=0.2, max_samples=20000)
         model_name, model_args, batch_size, total_steps, repeats = "cnn", {}, 64, 300, 9

@@ -221,10 +221,10 @@ def export(
     report = export_artifact(model_dir, out_path, format_, dynamic_batch, opset, fp16, trust_code=trust_code)
     for note in report.notes:
         out.print(f"note: {note}", highlight=False)
-    lat = report.latency_ms
+    latency = "; batch-1 latency " + ", ".join(f"{name.removesuffix('_ms')} {ms:.3f} ms"
+                                               for name, ms in report.latency_ms.items()) if report.latency_ms else ""
     out.print(f"{report.path}: {report.exporter} exporter, parity max |error| {report.max_abs_error:.2e} "
-              f"(tolerance {report.tolerance:.0e}) on shapes {report.checked_shapes}; batch-1 latency torch "
-              f"{lat['torch_ms']:.3f} ms, onnxruntime {lat['onnxruntime_ms']:.3f} ms", highlight=False)
+              f"(tolerance {report.tolerance:.0e}) on shapes {report.checked_shapes}{latency}", highlight=False)
     if not report.parity_ok:
         Console(stderr=True).print(f"[bold red]error:[/] ONNX output differs from torch by {report.max_abs_error:.2e},"
                                    f" over the tolerance {report.tolerance:.0e}")

@@ -74,7 +74,10 @@ class PassManager:
 
     def run(
         self, model: nn.Module, example_inputs: tuple[torch.Tensor, ...]
-    ) -> tuple[fx.GraphModule, list[PassOutcome]]:
+    ) -> tuple[nn.Module, list[PassOutcome]]:
+        """The rewritten graph and each pass's outcome; with no passes, the model itself (nothing to capture)."""
+        if not self.pass_names:
+            return model.eval(), []
         reference = _run(model.eval(), example_inputs)
         gm = capture(model, example_inputs)
         outcomes = []

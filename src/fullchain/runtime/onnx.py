@@ -9,6 +9,7 @@ with the eager module. ``ds export`` and the ONNX Runtime quantisation backend b
 
 from __future__ import annotations
 
+import inspect
 import logging
 import statistics
 import time
@@ -80,6 +81,8 @@ def export_onnx(
             warnings.simplefilter("ignore")
             try:
                 shapes = tuple({i: torch.export.Dim.DYNAMIC for i in d} for d in dims.values())
+                if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
+                    shapes = (shapes,)  # torch.export binds forward(*args) as one tuple argument
                 program = torch.onnx.export(
                     model, tuple(inputs), dynamo=True, input_names=list(input_names), output_names=[OUTPUT_NAME],
                     dynamic_shapes=shapes if any(dims.values()) else None, opset_version=opset, verbose=False,

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from safetensors.torch import save_model
 
-from fullchain.artifact import META, TOKENIZER, ArtifactMeta, load_artifact, read_meta
+from fullchain.artifact import META, ArtifactMeta, load_artifact, read_meta, save_variant
 from fullchain.config import OptimizeConfig
 from fullchain.errors import UserError
 from fullchain.optimize.manager import PassManager, PassRolledBack
@@ -104,7 +103,7 @@ def optimize_artifact(
 
     recipe = {"passes": applied, "precision": precision, "compile": settings.compile,
               "compile_mode": settings.compile_mode, "source": str(model_dir)}
-    _write(out_dir, model_dir, optimized, spec, recipe)
+    save_variant(out_dir, model_dir, optimized, spec, optimize=recipe)
 
     with console.status("checking and timing the optimised artifact"):
         reloaded, _ = load_artifact(out_dir, trust_code=trust_code)
@@ -144,13 +143,3 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "parity": report["parity"]["final"],
         **{k: report[k] for k in keys if k in report},
     }
-
-
-def _write(out_dir: Path, model_dir: Path, model: torch.nn.Module, spec: ArtifactMeta, recipe: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out_dir / "model.safetensors"))
-    if (model_dir / TOKENIZER).is_file():
-        shutil.copy2(model_dir / TOKENIZER, out_dir / TOKENIZER)
-    optimized = ArtifactMeta.from_json(spec.to_json())
-    optimized.extra = {**spec.extra, "optimize": recipe}
-    (out_dir / META).write_text(json.dumps(optimized.to_json(), indent=2) + "\n")

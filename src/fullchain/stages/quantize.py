@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fullchain.artifact import META, TOKENIZER, WEIGHTS, ArtifactMeta, load_artifact, save_artifact, text_encoding
+from fullchain.artifact import META, WEIGHTS, ArtifactMeta, load_artifact, save_variant, text_encoding
 from fullchain.config import DataConfig, OptimizeConfig
 from fullchain.data import DataBundle, build_data
 from fullchain.errors import UserError
@@ -93,13 +93,9 @@ def quantize_artifact(
     return report
 
 
-def _write(out_dir: Path, model_dir: Path, float_model: torch.nn.Module, spec: ArtifactMeta, program: Path,
+def _write(out_dir: Path, model_dir: Path, float_model: torch.nn.Module, meta: ArtifactMeta, program: Path,
            report: dict[str, Any]) -> None:
-    quantized = ArtifactMeta.from_json(spec.to_json())
     recorded = {k: report[k] for k in ("method", "backend", "file", "accuracy_fp32", "accuracy_quantized",
                                        "drop_points", "calib_samples", "qat_steps", "int8_kernels")}
-    quantized.extra = {**spec.extra, "quantize": recorded}
-    save_artifact(out_dir, float_model, quantized)
+    save_variant(out_dir, model_dir, float_model, meta, quantize=recorded)
     shutil.copy2(program, out_dir / program.name)
-    if (model_dir / TOKENIZER).is_file():
-        shutil.copy2(model_dir / TOKENIZER, out_dir / TOKENIZER)

@@ -102,8 +102,7 @@ def prepare_pretrained(cfg: RunConfig) -> Prepared:
         bundle = build_data(cfg.data, seed=cfg.seed, encoding=encoder)
     if bundle.kind != "text":
         raise UserError(f"{cfg.source}: model.hf classifies text, but data {cfg.data.name!r} is {bundle.kind} data")
-    model = hf.pretrained_classifier(source, bundle.label_names, encoder.pad_id, console, pooling)
-    hf.check_max_length(model, encoder.max_length)
+    model = hf.pretrained_classifier(source, bundle.label_names, encoder.pad_id, console, pooling, encoder.max_length)
     task = task_for({"kind": bundle.kind, **bundle.input_spec}, bundle.label_names, HF_INPUTS)
     args = {"source": cfg.model.hf, "pooling": getattr(model, "pooling", "head")}
     return Prepared(bundle, model, task, {"hf": type(model.hf).__name__}, args)

@@ -11,17 +11,20 @@
 Importing this package imports transformers (seconds), so import it only where a Hugging Face model is used.
 """
 
-from fullchain.models.hf.artifact import from_hf_state_dict, load_weights, save_weights, to_hf_state_dict
-from fullchain.models.hf.classifier import (
-    HFClassifier,
-    build_from_config,
-    check_max_length,
-    max_positions,
-    pretrained_classifier,
-)
-from fullchain.models.hf.pooling import POOLINGS, PooledClassifier, declared_pooling
-from fullchain.models.hf.source import resolve_source
-from fullchain.models.hf.text import TextEncoder, load_text_encoder
+from fullchain.models.hf.quiet import quiet_imports
+
+with quiet_imports():
+    from fullchain.models.hf.artifact import from_hf_state_dict, load_weights, save_weights, to_hf_state_dict
+    from fullchain.models.hf.classifier import (
+        HFClassifier,
+        build_from_config,
+        check_max_length,
+        max_positions,
+        pretrained_classifier,
+    )
+    from fullchain.models.hf.pooling import POOLINGS, PooledClassifier, declared_pooling
+    from fullchain.models.hf.source import resolve_source
+    from fullchain.models.hf.text import TextEncoder, load_text_encoder
 
 __all__ = [
     "POOLINGS",

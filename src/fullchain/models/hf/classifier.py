@@ -49,13 +49,14 @@ class HFClassifier(nn.Module):
 
 def pretrained_classifier(
     directory: Path, label_names: Sequence[str], pad_id: int, console: Console | None = None,
-    pooling: str | None = None,
+    pooling: str | None = None, max_length: int | None = None,
 ) -> HFClassifier | PooledClassifier:
     """The checkpoint in ``directory`` with a new head for ``label_names``, padding with ``pad_id``.
 
     ``pad_id`` must be the id the tokenizer pads with (`TextEncoder.pad_id`): GPT-2-style classifiers read
     the logits at the last token that is not ``pad_token_id``. The weights come from safetensors only.
-    One line on ``console`` names the tensors that were initialised rather than loaded.
+    One line on ``console`` names the tensors that were initialised rather than loaded. ``max_length``, when
+    given, is checked against the position table first (`check_max_length`), before any weight is read.
     """
     directory = Path(directory)
     pooling = pooling or declared_pooling(directory) or HEAD
@@ -65,6 +66,9 @@ def pretrained_classifier(
     config.pad_token_id = pad_id
     _without_cache(config)
     auto = AutoModelForSequenceClassification if pooling == HEAD else AutoModel
+    if max_length is not None:  # on a weightless build, so a refusal is all that is said
+        with torch.device("meta"):
+            check_max_length(HFClassifier(auto.from_config(config)), max_length)
     try:
         with quiet_transformers():
             hf, info = auto.from_pretrained(

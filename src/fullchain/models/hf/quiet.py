@@ -1,12 +1,18 @@
-"""Silence transformers while it loads: its progress bars and its multi-line load report.
+"""Silence transformers while it loads: its progress bars and its multi-line load report, and the warnings its
+import sets off.
 
 `from_pretrained` draws a "Loading weights" bar and logs a table of newly initialised tensors as a warning;
 fullchain says the same in one line of its own (see `fullchain.models.hf.classifier`). transformers offers
-the switches (verbosity, progress bars) but no scope for them, hence this small context manager.
+the switches (verbosity, progress bars) but no scope for them, hence these small context managers.
+
+Importing transformers imports torchao when it is installed (its quantizers check for it), and torchao warns
+about its CUDA-only extensions and sets off torch's pytree warnings about its enums: four lines of stderr on
+every command that touches a Hugging Face model, none of which concerns it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,3 +32,20 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+_IMPORT_CHATTER = ("torchao", "torch.utils._pytree")  # the loggers that speak while transformers is imported
+
+
+@contextmanager
+def quiet_imports() -> Iterator[None]:
+    """Errors only from the loggers that warn while transformers (and the torchao it imports) are imported."""
+    loggers = [logging.getLogger(name) for name in _IMPORT_CHATTER]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

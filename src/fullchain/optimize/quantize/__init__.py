@@ -1,7 +1,7 @@
 """Quantisation (MISSION C10): PTQ static int8, dynamic int8 and QAT, on two backends.
 
 - ``inductor``: PT2E via torchao with the X86 Inductor quantizer, compiled by Inductor with freezing
-  (`pt2e`); the artifact holds ``model.pt2``, loaded by `load_program`.
+  (`pt2e`); the artifact holds ``model.pt2``, loaded by `fullchain.artifact.program.load_program`.
 - ``onnxruntime``: ONNX Runtime's static QDQ (or dynamic) quantisation of the exported model (`onnxrt`);
   the artifact holds ``model.onnx``, served through `fullchain.artifact.load`.
 
@@ -10,6 +10,5 @@ the `ds optimize --quantize` entry point; `guard` refuses a model that lost too 
 """
 
 from fullchain.optimize.quantize.guard import QuantizationRejected
-from fullchain.optimize.quantize.pt2e import load_program
 
-__all__ = ["QuantizationRejected", "load_program"]
+__all__ = ["QuantizationRejected"]

@@ -10,6 +10,7 @@ CNN slower here). The int8 file is the servable ``model.onnx``.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -43,7 +44,14 @@ def quantize_onnx(
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32_path), str(pre))
+        # ORT's symbolic shape inference gives up on some graphs (an exported BERT: "Incomplete symbolic shape
+        # inference"), writing a debug copy of the model into the working directory as it does; ONNX's own shape
+        # inference is then enough to quantise. Running it from the temporary directory keeps that copy there.
+        with contextlib.chdir(tmp):
+            try:
+                quant_pre_process(str(fp32_path), str(pre))
+            except Exception:  # noqa: BLE001 - see above
+                quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         if method == "dynamic":
             quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
         else:

@@ -6,8 +6,9 @@ Conv-BN folded into the simulated int8 conv), then `convert_pt2e` to a graph of 
 ops around fp32 ops. That graph is only a recipe: it becomes int8 kernels (oneDNN qconv/qlinear with the
 Conv-BN-ReLU chain fused) when Inductor compiles it with freezing on, which is what `compile_int8` does.
 
-Persisting: the converted graph is saved with `torch.export.save` as ``model.pt2``; `load_program`
-opens it only after `fullchain.artifact.program.check_program_archive` admitted every member, then compiles.
+Persisting: the converted graph is saved with `torch.export.save` as ``model.pt2``;
+`fullchain.artifact.program.load_program` opens it only after every archive member is admitted, then compiles
+it here (`FrozenProgram`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from fullchain.artifact.program import check_program_archive
 from fullchain.errors import UserError
 
 PROGRAM_FILE = "model.pt2"
 # The ops that prove int8 execution once the converted graph is lowered for x86 (what Inductor emits).
 INT8_KERNEL_PREFIXES = ("onednn.qconv", "onednn.qlinear", "quantized.")
 Inputs = tuple[torch.Tensor, ...]  # a model's positional inputs (the task's input_names order)
+
+
+def register_ops():
+    """torchao defines the quantized_decomposed ops a converted program refers to; they must exist to load one."""
+    _pt2e()
 
 
 def _pt2e():
@@ -156,16 +161,3 @@ def save_program(converted: torch.fx.GraphModule, example: Inputs, path: Path) -
     """Re-export the converted graph (dynamic batch) and write it with torch.export.save."""
     torch.export.save(_export(converted, example), str(path))
     return path
-
-
-def load_program(path: str | Path, compile: bool = True):
-    """Load ``model.pt2`` (an artifact dir or the file) -> a `FrozenProgram` (or the plain graph module)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PROGRAM_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; expected a quantised artifact written with --backend inductor")
-    check_program_archive(path)
-    _pt2e()  # registers the quantized_decomposed ops the program refers to
-    module = torch.export.load(str(path)).module()
-    return FrozenProgram(module) if compile else module
