@@ -29,8 +29,16 @@ def write_run(tmp_path: Path, **sections) -> Path:
 def test_help_lists_the_stage_commands():
     result = ds("--help")
     assert result.returncode == 0
-    for command in ("train", "evaluate", "run", "bench", "config"):
+    for command in ("train", "evaluate", "run", "bench", "config", "models"):
         assert command in result.stdout
+
+
+def test_ds_models_lists_the_registry_the_config_accepts():
+    from fullchain.models.registry import MODELS
+
+    listed = ds("models")
+    assert listed.returncode == 0 and all(name in listed.stdout for name in MODELS)
+    assert "model.hf" in listed.stdout and "model.target" in listed.stdout
 
 
 @pytest.mark.parametrize(

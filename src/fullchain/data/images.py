@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from fullchain.config import DataConfig
 from fullchain.data.bundle import DataBundle
@@ -93,6 +92,8 @@ def fashion_mnist(cfg: DataConfig, seed: int, encoding: TextEncoder | None) -> D
 
 def digits(cfg: DataConfig, seed: int, encoding: TextEncoder | None) -> DataBundle:
     """scikit-learn's 1,797 8x8 digit images (pixel values 0-16, shipped with the library)."""
+    from sklearn.datasets import load_digits  # imported when used: scikit-learn takes most of a second
+
     data = load_digits()
     images = data.images[:, None].astype(np.float32)
     labels = data.target.astype(np.int64)

@@ -17,7 +17,6 @@ from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from fullchain.config import DataConfig
 from fullchain.errors import UserError
@@ -60,6 +59,8 @@ def take(indices: np.ndarray, labels: np.ndarray, size: int, seed: int) -> tuple
         return indices, indices[:0]
     if size >= len(indices):
         return indices[:0], indices
+    from sklearn.model_selection import train_test_split  # scikit-learn takes most of a second to import
+
     try:
         rest, drawn = train_test_split(indices, test_size=size, stratify=labels[indices], random_state=seed)
     except ValueError:  # a class with one member, or fewer drawn items than classes

@@ -36,10 +36,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
 from fullchain.train.checkpoint import files as F
-from fullchain.train.checkpoint import sharded
 from fullchain.train.checkpoint.state import CheckpointError, CheckpointWarning, NoValidCheckpoint, TrainingState
 from fullchain.versions import library_versions
 
@@ -56,11 +54,24 @@ def _finish_in_flight_saves() -> None:
             warnings.warn(str(checkpointer._error), CheckpointWarning, stacklevel=1)
 
 
-_ERRORS = (Exception, DCPException)  # DCP's CheckpointException derives from BaseException
+def _sharded():
+    """The DCP side (world size > 1), imported on first use: torch.distributed.checkpoint takes half a second to
+    import, which every single-process `ds` command would otherwise pay."""
+    from fullchain.train.checkpoint import sharded
+
+    return sharded
+
+
+def _dcp_exception() -> type[BaseException]:
+    """DCP's CheckpointException (it derives from BaseException); an ``except`` clause evaluates this only while
+    an exception is being handled, so naming it there imports nothing on the happy path."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, DCPException):  # its str() is a traceback per rank; keep the causes
+    if isinstance(exc, _dcp_exception()):  # its str() is a traceback per rank; keep the causes
         return "; ".join(f"rank {rank}: {_describe(failure[0] if isinstance(failure, tuple) else failure)}"
                          for rank, failure in exc.failures.items())
     if isinstance(exc, OSError) and exc.errno is not None:
@@ -119,8 +130,8 @@ class Checkpointer:
                 raise CheckpointError(
                     f"Checkpointer(world_size={world_size}, rank={rank}) does not match the process group "
                     f"(world size {dist.get_world_size()}, rank {dist.get_rank()})")
-            self._group = sharded.new_group()
-            self._stager = sharded.make_stager()
+            self._group = _sharded().new_group()
+            self._stager = _sharded().make_stager()
 
     # ---- saving ----------------------------------------------------------------------------------
 
@@ -243,7 +254,7 @@ class Checkpointer:
         if model is None:
             raise ValueError(f"world size {self.world_size} saves through torch.distributed.checkpoint: "
                              "pass model= (and optimizer=) to save()")
-        staged, optim_tree = sharded.stage(model, optimizer, self._stager)
+        staged, optim_tree = _sharded().stage(model, optimizer, self._stager)
         tree, tensors = F.encode(state.trainer, copy=lambda _, t: t.detach().to("cpu", copy=True))
         stem = "trainer" if self.rank == 0 else f"trainer-rank{self.rank}"
         parts = {stem: (F.to_json(tree), tensors)}
@@ -379,20 +390,20 @@ class Checkpointer:
                 self._prepare_directory()
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                (tmp / sharded.DCP_DIR).mkdir(parents=True)
-            except _ERRORS as exc:
+                (tmp / _sharded().DCP_DIR).mkdir(parents=True)
+            except (Exception, _dcp_exception()) as exc:
                 error = _describe(exc)
         if (error := self._gather(error)[0]) is not None:
             raise self._failed(job, tmp, error) if self.rank == 0 else CheckpointError(
                 f"checkpoint of step {job.step}: rank 0 could not create {tmp}: {error}")
         files: dict[str, Any] = {}
         try:
-            sharded.save(job.staged, tmp / sharded.DCP_DIR, self._group)
+            _sharded().save(job.staged, tmp / _sharded().DCP_DIR, self._group)
             self._write_parts(tmp, job.parts, files)
-            for f in sorted((tmp / sharded.DCP_DIR).iterdir()):
+            for f in sorted((tmp / _sharded().DCP_DIR).iterdir()):
                 if f.name.startswith(f"__{self.rank}_"):
-                    files[f"{sharded.DCP_DIR}/{f.name}"] = F.hash_file(f, sync=True)
-        except _ERRORS as exc:
+                    files[f"{_sharded().DCP_DIR}/{f.name}"] = F.hash_file(f, sync=True)
+        except (Exception, _dcp_exception()) as exc:
             error = _describe(exc)
         reports = self._gather((error, files))
         failures = [f"rank {r}: {e}" for r, (e, _) in enumerate(reports) if e is not None]
@@ -406,9 +417,9 @@ class Checkpointer:
                     name = f.relative_to(tmp).as_posix()
                     if f.is_file() and name not in files:
                         files[name] = F.hash_file(f, sync=True)
-                F.fsync_dir(tmp / sharded.DCP_DIR)
+                F.fsync_dir(tmp / _sharded().DCP_DIR)
                 self._commit(job, tmp, final, files, start)
-            except _ERRORS as exc:
+            except (Exception, _dcp_exception()) as exc:
                 error = self._failed(job, tmp, str(exc) if failures else _describe(exc))
         outcome = self._gather(str(error) if self.rank == 0 and error is not None else None)[0]
         if outcome is not None:
@@ -519,7 +530,7 @@ class Checkpointer:
             return self._load(path, meta, model, optimizer)
         except CheckpointError:
             raise
-        except (ValueError, KeyError, RuntimeError, OSError, DCPException) as exc:
+        except (ValueError, KeyError, RuntimeError, OSError, _dcp_exception()) as exc:
             raise CheckpointError(
                 f"checkpoint {path} (step {meta['step']}, written by {meta.get('world_size')} rank(s), kind "
                 f"{meta['kind']}) cannot be loaded into this run (world size {self.world_size}): "
@@ -544,14 +555,14 @@ class Checkpointer:
                     f"checkpoint {path} was written by {meta.get('world_size')} ranks through "
                     "torch.distributed.checkpoint; pass model= (and optimizer=) to load() to load it in place")
             optim_tree = json.loads((path / "optimizer.json").read_bytes())
-            sharded.load(path / sharded.DCP_DIR, optim_tree, model, optimizer, self._group)
+            _sharded().load(path / _sharded().DCP_DIR, optim_tree, model, optimizer, self._group)
             return TrainingState(model=None, optimizer=None, trainer=trainer)
         model_sd = self._read_part(path, listed, "model")
         optim_sd = self._read_part(path, listed, "optimizer")
         if self._group is not None:
             if model is None:
                 raise CheckpointError(f"world size {self.world_size}: pass model= (and optimizer=) to load()")
-            sharded.load_full(model, optimizer, model_sd, optim_sd)
+            _sharded().load_full(model, optimizer, model_sd, optim_sd)
             return TrainingState(model=None, optimizer=None, trainer=trainer)
         if model is not None:
             _check_fits(model, model_sd)
