@@ -1,34 +1,47 @@
-"""The benchmarks behind `ds bench NAME`: each module's `run(quick, device)` returns a `BenchRecord`."""
+"""The benchmarks behind `ds bench NAME`: each module's `run(quick, device)` returns a `BenchRecord`.
+
+Modules are imported only when their benchmark runs, so a machine that has only one benchmark's dependencies
+(the bare GPU machine of benchmarks/gpu_suite.sh) can still run that benchmark.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
 
 from rich.console import Console
 
-from fullchain.bench import amp, checkpoint, comm, fusion, monitor, realtime, serve, trainer_overhead
-from fullchain.bench.harness import BenchRecord, print_record, write_record
 from fullchain.errors import UserError
 
-BENCHMARKS = {
-    "trainer-overhead": trainer_overhead,
-    "amp": amp,
-    "checkpoint": checkpoint,
-    "comm": comm,
-    "fusion": fusion,
-    "realtime": realtime,
-    "serve": serve,
-    "monitor-overhead": monitor,
+# name -> (module under fullchain.bench, one line for `ds bench --list`)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "trainer-overhead": ("trainer_overhead", "our Trainer against a raw PyTorch loop and Lightning Fabric"),
+    "amp": ("amp", "mixed precision (bf16, fp16) against fp32 training"),
+    "checkpoint": ("checkpoint", "asynchronous checkpoints against blocking and DCP saves"),
+    "comm": ("comm", "compressed and hierarchical gradient all-reduce against fp32 DDP"),
+    "fusion": ("fusion", "graph passes against eager and torch.compile"),
+    "realtime": ("realtime", "int8 ONNX Runtime against fp32 ONNX Runtime and eager PyTorch"),
+    "serve": ("serve", "ds serve against a plain FastAPI endpoint and LitServe"),
+    "monitor-overhead": ("monitor", "the cost of ds-monitor and the metrics endpoint on serving"),
 }
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """Import one benchmark's module (and only its dependencies)."""
+    if name not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"fullchain.bench.{BENCHMARKS[name][0]}")
 
 
 def run_benchmark(
     name: str, quick: bool = False, json_path: Path | None = None, device: str = "auto", console: Console | None = None
-) -> BenchRecord:
-    if name not in BENCHMARKS:
-        raise UserError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+):
+    from fullchain.bench.harness import print_record, write_record
+
+    module = benchmark_module(name)
     console = console or Console()
-    record = BENCHMARKS[name].run(quick=quick, device=device)
+    record = module.run(quick=quick, device=device)
     print_record(record, console)
     if json_path is not None:
         write_record(record, json_path)

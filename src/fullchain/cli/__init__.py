@@ -275,8 +275,8 @@ def bench(
     from fullchain.bench import BENCHMARKS, run_benchmark
 
     if list_ or name is None:
-        for bench_name, module in BENCHMARKS.items():
-            out.print(f"{bench_name:20s} {module.__doc__.strip().splitlines()[0]}")
+        for bench_name, (_, what) in BENCHMARKS.items():
+            out.print(f"{bench_name:20s} {what}")
         return
     wide = out if out.is_terminal else Console(width=160)  # logs keep whole table cells
     run_benchmark(name, quick=quick, json_path=json_out, device=device, console=wide)
