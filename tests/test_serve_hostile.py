@@ -108,6 +108,22 @@ def test_without_the_token_a_request_gets_401_before_its_body_is_read(guarded):
         assert httpx.get(guarded.url + probe).status_code == 200
 
 
+def test_ds_monitor_scrapes_a_guarded_server_with_its_token_and_says_when_it_needs_one(guarded, tmp_path):
+    monitor = [sys.executable, "-c", "from fullchain.monitor.cli import main; main()",
+               f"--endpoint=127.0.0.1:{guarded.port}",
+               "--duration", "1", "--interval", "0.2"]
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    with_token = subprocess.run([*monitor, "--token-file", str(token_file), "--report", str(tmp_path / "r.html")],
+                                capture_output=True, text=True, timeout=60)
+    assert with_token.returncode == 0, with_token.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["facts"]  # it read the guarded /metrics
+
+    without = subprocess.run(monitor, capture_output=True, text=True, timeout=60)
+    assert without.returncode == 2 and "needs a bearer token: give --token-file" in without.stderr
+    assert "Traceback" not in without.stderr
+
+
 def test_values_beyond_float32_get_422_naming_the_item_and_the_connection_serves_the_next(guarded):
     conn = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=WAIT_S)
     headers = {**AUTH, "content-type": "application/json"}

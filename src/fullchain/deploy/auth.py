@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from pathlib import Path
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -24,7 +23,6 @@ from starlette.responses import JSONResponse
 from fullchain.errors import UserError
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-MIN_TOKEN_CHARS = 16
 
 
 def is_loopback(host: str) -> bool:
@@ -42,18 +40,6 @@ def check_exposure(host: str, token: str | None, insecure: bool) -> None:
     if token is None and not insecure and not is_loopback(host):
         raise UserError(f"--host {host} serves beyond this machine: give --token-file FILE (a bearer token), "
                         "or --insecure when an authenticating proxy stands in front of the server")
-
-
-def read_token(token_file: Path | None) -> str | None:
-    if token_file is None:
-        return None
-    try:
-        token = token_file.read_text().strip()
-    except OSError as exc:
-        raise UserError(f"--token-file {token_file}: cannot read ({exc.strerror})") from None
-    if len(token) < MIN_TOKEN_CHARS:
-        raise UserError(f"--token-file {token_file}: the token must be at least {MIN_TOKEN_CHARS} characters")
-    return token
 
 
 class BearerAuth:

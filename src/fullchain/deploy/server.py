@@ -29,8 +29,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rich.console import Console
 
 from fullchain.artifact import LoadedModel, load
+from fullchain.bearer import read_token
 from fullchain.config import ServeConfig
-from fullchain.deploy.auth import BearerAuth, check_exposure, is_loopback, read_token
+from fullchain.deploy.auth import BearerAuth, check_exposure, is_loopback
 from fullchain.deploy.batching import DynamicBatcher, NonFiniteOutput, QueueFull
 from fullchain.deploy.deadlines import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, READ_TIMED_OUT, H11WithDeadlines
 from fullchain.deploy.metrics import ServeMetrics

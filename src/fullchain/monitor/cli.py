@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.live import Live
 
 from fullchain import metric_names as M
+from fullchain.bearer import read_token
+from fullchain.errors import UserError
 from fullchain.monitor.live import render
 from fullchain.monitor.report import Plot, Report, write_report
 from fullchain.monitor.rules import Finding, diagnose
@@ -69,10 +71,16 @@ def monitor(
     = None,
     window: Annotated[float, typer.Option(min=0.5, help="seconds of history behind each live figure")] = 10.0,
     report: Annotated[Path | None, typer.Option(help="write the report here (HTML; JSON next to it)")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="a file holding the bearer token of a `ds serve "
+                                                          "--token-file` server")] = None,
 ) -> None:
     """Watch a metrics endpoint live, find the bottleneck, write an optimisation report."""
     recorder = Recorder(views_for(parse_groups(metrics)), window_s=window)
-    scraper = Scraper(endpoint)
+    try:
+        scraper = Scraper(endpoint, token=read_token(token_file))
+    except UserError as exc:
+        err.print(f"error: {exc}", highlight=False)
+        raise typer.Exit(2) from None
     started = time.monotonic()
     status, failures = "starting", 0
     live_console = Console(stderr=True)
@@ -84,6 +92,10 @@ def monitor(
                     recorder.add(scraper.scrape())
                     status = f"{len(recorder.snapshots)} scrapes"
                 except (httpx.HTTPError, ValueError) as exc:
+                    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+                        refused = "refused the token" if token_file else "needs a bearer token: give --token-file FILE"
+                        err.print(f"error: {scraper.url} {refused}", highlight=False)
+                        raise typer.Exit(2) from None
                     failures += 1
                     status = f"cannot reach {scraper.url} ({type(exc).__name__}: {exc}); retry {failures}, " \
                              f"every {interval:g}s"

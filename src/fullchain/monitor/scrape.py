@@ -54,9 +54,10 @@ def metrics_url(endpoint: str) -> str:
 class Scraper:
     """Fetches one endpoint; `scrape()` returns a Snapshot or raises `httpx.HTTPError` / `ValueError`."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 2.0):
+    def __init__(self, endpoint: str, timeout_s: float = 2.0, token: str | None = None):
         self.url = metrics_url(endpoint)
-        self._client = httpx.Client(timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._client = httpx.Client(timeout=timeout_s, headers=headers)
         self._t0 = time.monotonic()
 
     def scrape(self) -> Snapshot:
