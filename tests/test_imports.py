@@ -122,6 +122,7 @@ LAYERS = [
     "fullchain.monitor",
     "fullchain.deploy",
     "fullchain.stages",
+    "fullchain.scaffold",
     "fullchain.bench",
     "fullchain.cli",
 ]

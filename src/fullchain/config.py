@@ -258,8 +258,32 @@ class TopologyConfig(Section):
     procs_per_node: int | None = Field(None, ge=1, description="ranks per node; default: torchrun's local world size")
 
 
+class MeshConfig(Section):
+    """Parallel dimensions (fullchain.distributed.mesh); replicate x shard x tensor = world size, unset ones fill."""
+
+    replicate: int | None = Field(None, ge=1, description="copies of the sharded model (HSDP when > 1)")
+    shard: int | None = Field(None, ge=1, description="ranks that shard parameters and optimiser state (FSDP2)")
+    tensor: int | None = Field(None, ge=1, description="ranks that split each layer (tensor parallel, hybrid)")
+
+
+class BalanceConfig(Section):
+    """Dynamic load balancing: each rank's share of the global batch follows its measured throughput."""
+
+    enabled: bool = False
+    every_steps: int = Field(10, ge=1, description="steps between re-balancing")
+    min_share: float = Field(0.05, gt=0, lt=1, description="the smallest fraction of the global batch a rank gets")
+
+
+class PlacementConfig(Section):
+    """The placement planner (`ds plan`): big sparse tables on the CPU, dense layers on the accelerator."""
+
+    sparse_threshold_mb: float = Field(64.0, gt=0, description="an embedding table this big goes to the CPU")
+    accelerator_memory_gb: float | None = Field(None, gt=0, description="the accelerator's memory budget "
+                                                                        "(default: the device's own, if any)")
+
+
 class DistributedConfig(Section):
-    """Data-parallel settings; the number of processes comes from the launch (`ds train --nproc-per-node`)."""
+    """Parallel settings; the number of processes comes from the launch (`ds train --nproc-per-node`)."""
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = Field(60.0, gt=0, description="collective timeout: how fast a dead peer is noticed")
@@ -269,6 +293,35 @@ class DistributedConfig(Section):
     hierarchical: bool = Field(False, description="reduce inside each node first, then across nodes")
     bucket_cap_mb: float = Field(25.0, gt=0)
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    strategy: Literal["ddp", "fsdp", "hybrid"] = Field("ddp", description="ddp, fsdp (FSDP2 / HSDP) or hybrid "
+                                                                          "(tensor parallel x FSDP2)")
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+
+    @model_validator(mode="after")
+    def _strategy_fits_settings(self) -> DistributedConfig:
+        tensor = self.mesh.tensor
+        if self.strategy != "hybrid" and tensor not in (None, 1):
+            raise ValueError(f"mesh.tensor: {tensor} needs strategy hybrid (strategy {self.strategy} "
+                             "has no tensor dimension)")
+        if self.strategy == "hybrid" and (tensor is None or tensor < 2):
+            raise ValueError("mesh.tensor: strategy hybrid needs tensor >= 2 (ranks per layer)")
+        if self.strategy == "ddp" and (self.mesh.shard or 1) > 1:
+            raise ValueError(f"mesh.shard: {self.mesh.shard} needs strategy fsdp or hybrid "
+                             "(ddp replicates the whole model)")
+        if self.balance.enabled and self.strategy != "ddp":
+            raise ValueError(f"balance.enabled: load balancing needs strategy ddp; {self.strategy} gathers "
+                             "parameters inside the forward, so every rank would measure the slowest rank's time")
+        if self.balance.enabled and self.compression != "none":
+            raise ValueError(f"balance.enabled: balanced steps sum gradients in one plain all-reduce; compression "
+                             f"{self.compression} does not apply to it (use compression none)")
+        if self.strategy != "ddp" and (self.compression != "none" or self.hierarchical):
+            what = f"compression {self.compression}" if self.compression != "none" else "hierarchical"
+            raise ValueError(f"{what.split()[0]}: {what} rewrites DDP's gradient all-reduce; strategy "
+                             f"{self.strategy} reduce-scatters gradients inside FSDP2, where it does not apply "
+                             "(use strategy ddp, or compression none)")
+        return self
 
 
 class OptimizeConfig(Section):

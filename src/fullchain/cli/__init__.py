@@ -113,18 +113,43 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics to this JSON file")] = None,
     trust_code: TrustCode = False,
+    baseline: Annotated[Path | None, typer.Option(
+        help="the model in production: scored on the same data, shown beside the new one, and the reference of "
+             "gates like accuracy>=baseline-0.01")] = None,
+    gate: Annotated[str | None, typer.Option(
+        help="comma-separated METRIC>=LIMIT / METRIC<=LIMIT, e.g. 'accuracy>=0.95,macro_f1>=0.9,latency_p99_ms<=20' "
+             "(latency: batch-1 calls in the runtime the model serves with); exit 1 when one fails")] = None,
 ) -> None:
-    """Score a model artifact: accuracy, macro-F1 and the confusion matrix."""
-    from fullchain.stages.evaluate import evaluate_artifact
+    """Score a model artifact: accuracy, macro-F1 and the confusion matrix; with --gate, a release check."""
+    from fullchain.stages.gates import gated_evaluation
 
-    metrics = evaluate_artifact(model_dir, data=data, split=split, batch_size=batch_size, trust_code=trust_code)
+    metrics = gated_evaluation(model_dir, gate, baseline, data=data, split=split, batch_size=batch_size,
+                               trust_code=trust_code)
     _print_eval(metrics)
     if json_out is not None:
         json_out.write_text(json.dumps(metrics, indent=2) + "\n")
+    if metrics["gates"]:
+        _print_gates(metrics["gates"])
+    if not metrics["gates_passed"]:
+        failed = ", ".join(f"{g['metric']} {g['new']:.4g} (limit {g['limit']})" for g in metrics["gates"]
+                           if not g["passed"])
+        Console(stderr=True).print(f"[bold red]gate failed:[/] {failed}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _print_gates(gates: list[dict]) -> None:
+    table = Table(title="gates")
+    for column in ("metric", "new", "baseline", "limit", "pass"):
+        table.add_column(column, justify="left" if column in ("metric", "limit") else "right")
+    for g in gates:
+        baseline = "-" if g["baseline"] is None else f"{g['baseline']:.4g}"
+        table.add_row(g["metric"], f"{g['new']:.4g}", baseline, g["limit"],
+                      "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
+    out.print(table)
 
 
 def _print_eval(metrics: dict) -> None:
-    headline = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    headline = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     out.print(f"[bold]{metrics['split']}[/] " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                           for k, v in headline.items()))
     if "confusion_matrix" in metrics:
@@ -136,6 +161,55 @@ def _print_eval(metrics: dict) -> None:
         for name, row in zip(names, metrics["confusion_matrix"], strict=True):
             table.add_row(name[:12], *(str(v) for v in row))
         out.print(table)
+
+
+@app.command()
+def ab(
+    model_a: Annotated[Path, typer.Argument(help="model A (e.g. the one in production)")],
+    model_b: Annotated[Path, typer.Argument(help="model B (e.g. the candidate)")],
+    data: Annotated[str | None, typer.Option(help="dataset name or a .csv/.jsonl/.npz file or image folder "
+                                                  "(default: the models' own test split)")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val, test or all")] = None,
+    alpha: Annotated[float, typer.Option(help="significance level of the verdict")] = 0.05,
+    resamples: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 2000,
+    seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    latency_calls: Annotated[int, typer.Option(min=10, help="batch-1 calls timed per model")] = 200,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the comparison to this JSON file")] = None,
+    fail_on_regression: Annotated[bool, typer.Option(
+        "--fail-on-regression", help="exit 1 when A is significantly better than B (B: the candidate)")] = False,
+    trust_code: TrustCode = False,
+) -> None:
+    """A/B test two models on the same examples: McNemar's exact test, bootstrap intervals, latency, a verdict."""
+    from fullchain.stages.ab import A_BETTER, compare_artifacts
+
+    result = compare_artifacts(model_a, model_b, data=data, split=split, alpha=alpha, resamples=resamples, seed=seed,
+                               latency_calls=latency_calls, trust_code=trust_code)
+    _print_ab(result)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if fail_on_regression and result["verdict"] == A_BETTER:
+        Console(stderr=True).print(f"[bold red]regression:[/] {model_a} is significantly better than {model_b} "
+                                   f"(McNemar p = {result['mcnemar']['p_value']:.3g})", highlight=False)
+        raise typer.Exit(1)
+
+
+def _print_ab(r: dict) -> None:
+    confidence = f"{r['bootstrap']['confidence']:.0%} CI of B - A"
+    table = Table(title=f"A/B on {r['n']} examples ({r['split']})")
+    for column in ("", "A", "B", "B - A", confidence):
+        table.add_column(column, justify="left" if not column else "right")
+    for metric in ("accuracy", "macro_f1"):
+        ci = r["bootstrap"][metric]
+        table.add_row(metric, f"{r['a'][metric]:.4f}", f"{r['b'][metric]:.4f}", f"{ci['difference']:+.4f}",
+                      f"[{ci['low']:+.4f}, {ci['high']:+.4f}]")
+    for q in ("p50_ms", "p99_ms"):
+        a, b = r["a"]["latency"][q], r["b"]["latency"][q]
+        table.add_row(f"latency {q.removesuffix('_ms')} (ms)", f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}", "")
+    out.print(table)
+    m = r["mcnemar"]
+    out.print(f"McNemar exact: {m['a_only_correct']} examples only A gets right, {m['b_only_correct']} only B; "
+              f"p = {m['p_value']:.4g}", highlight=False)
+    out.print(f"[bold]verdict:[/] {r['verdict']} (alpha {r['alpha']:g})", highlight=False)
 
 
 @app.command()
@@ -190,15 +264,18 @@ def optimize(
 
 def _print_optimize(report: dict) -> None:
     for outcome in report.get("passes", []):
-        parity = outcome["parity"]
+        parity, timed = outcome["parity"], outcome.get("latency")
+        why = f" ({outcome['reason']})" if outcome.get("reason") else ""
         err = f", max abs error {parity['max_abs']:.2e}" if parity else ""
-        out.print(f"{outcome['pass']:18s} {outcome['status']:12s} {len(outcome['rewrites'])} rewrite(s){err}",
-                  highlight=False)
+        speed = f", {timed['after_vs_before']:.2f}x the time before it" if timed else ""
+        out.print(f"{outcome['pass']:18s} {outcome['status'] + why:22s} {len(outcome['rewrites'])} rewrite(s)"
+                  f"{err}{speed}", highlight=False)
     if "before" in report:
-        b, a = report["before"], report["after"]
+        b, a, timed = report["before"], report["after"], report.get("latency", {}).get("batch1", {})
+        rounds = f" (median of {timed['rounds']} alternating rounds, {timed['threads']} threads)" if timed else ""
         out.print(f"latency batch 1: {b['latency_ms_batch1']:.2f} -> {a['latency_ms_batch1']:.2f} ms "
                   f"({report['speedup_batch1']:.2f}x); batch 8: {b['latency_ms_batch8']:.2f} -> "
-                  f"{a['latency_ms_batch8']:.2f} ms ({report['speedup_batch8']:.2f}x)", highlight=False)
+                  f"{a['latency_ms_batch8']:.2f} ms ({report['speedup_batch8']:.2f}x){rounds}", highlight=False)
     if "eval" in report:
         b, a = report["eval"]["before"], report["eval"]["after"]
         out.print(f"test accuracy: {b.get('accuracy', float('nan')):.4f} -> {a.get('accuracy', float('nan')):.4f}",
@@ -252,6 +329,10 @@ def serve(
     body_timeout: Annotated[float, typer.Option(
         min=0.1, help="seconds a client may take to send a request's body (then 408, connection closed)")] = 30.0,
     trust_code: TrustCode = False,
+    ab_model: Annotated[Path | None, typer.Option(
+        help="live A/B: a second model (directory or .onnx) answering --ab-weight of the requests; metrics get a "
+             "variant label (a: MODEL, b: this one) and answers an X-Model-Variant header")] = None,
+    ab_weight: Annotated[float, typer.Option(help="share of requests for --ab-model, between 0 and 1")] = 0.5,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict with dynamic batching, /metrics, /healthz, /readyz."""
     from fullchain.config import ServeConfig
@@ -260,7 +341,7 @@ def serve(
     cfg = ServeConfig(host=host, port=port, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                       queue_size=queue_size, max_body_bytes=max_body_bytes, threads=threads)
     run_server(model, runtime, cfg, token_file, insecure=insecure, header_timeout_s=header_timeout,
-               body_timeout_s=body_timeout, trust_code=trust_code)
+               body_timeout_s=body_timeout, trust_code=trust_code, candidate=ab_model, candidate_weight=ab_weight)
 
 
 @app.command()
@@ -280,6 +361,54 @@ def bench(
         return
     wide = out if out.is_terminal else Console(width=160)  # logs keep whole table cells
     run_benchmark(name, quick=quick, json_path=json_out, device=device, console=wide)
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="project directory (created if needed; no file is overwritten)")],
+    name: Annotated[str | None, typer.Option(help="run and Kubernetes object name (default: from DIRECTORY)")] = None,
+    image: Annotated[str | None, typer.Option(
+        help="container image repository, e.g. registry.gitlab.com/group/project (default: registry.example.com/NAME)")
+    ] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="only validate an existing project's pipeline and manifests against their schemas")] = False,
+) -> None:
+    """Scaffold a project: run file, GitLab pipeline with gates and A/B, Dockerfile, Kubernetes manifests."""
+    from fullchain.scaffold import scaffold
+    from fullchain.scaffold.validate import validate_project
+
+    if not check:
+        for path in scaffold(directory, name, image):
+            out.print(f"wrote {path}", highlight=False)
+    problems = validate_project(directory)
+    for problem in problems:
+        Console(stderr=True).print(f"[bold red]invalid:[/] {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    out.print(f"{directory}: .gitlab-ci.yml and deploy/k8s/ validate against GitLab's CI schema, Kubernetes "
+              "and the PyTorchJob CRD", highlight=False)
+
+
+@app.command()
+def plan(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the plan as JSON")] = None,
+) -> None:
+    """Print where each parameter group would live (CPU or accelerator), its memory and why."""
+    from fullchain.distributed.placement import MB, plan_for_run
+
+    result = plan_for_run(_load(config, overrides))
+    table = Table("parameter group", "device", "parameters", "MB (w+g+opt)", "optimizer", "reason")
+    for g in result.groups:
+        table.add_row(g.name, g.device, f"{g.parameters:,}", f"{g.bytes / MB:.1f}", g.optimizer, g.reason)
+    out.print(table)
+    for device in sorted({g.device for g in result.groups}):
+        out.print(f"{device}: {result.bytes_on(device) / MB:.1f} MB", highlight=False)
+    for note in result.notes:
+        out.print(note, highlight=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.as_dict(), indent=2))
 
 
 @config_app.command("show")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fullchain.deploy.metrics import ServeMetrics
+from fullchain.deploy.metrics import VariantMetrics
 
 
 class QueueFull(Exception):
@@ -55,7 +55,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_wait_s: float,
         queue_size: int,
-        metrics: ServeMetrics,
+        metrics: VariantMetrics,
         arriving: Callable[[], int] = lambda: 1,
     ):
         self.infer, self.postprocess = infer, postprocess

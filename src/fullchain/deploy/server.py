@@ -1,5 +1,9 @@
 """`ds serve`: the FastAPI app (dynamic batching, Prometheus metrics, probes, bounded queue) and its runner.
 
+With a second model (`--ab-model`), a live A/B: each request goes to one of the two by weight
+(`split`), each model has its own batcher, every series is labelled by ``variant`` (`metrics`) and the answer
+names its model in an `X-Model-Variant` header.
+
 Endpoints: `POST /v1/predict`, `GET /healthz` (the process is up), `GET /readyz` (the model is loaded and
 warm, and the server is not draining), `GET /metrics` (Prometheus text), `GET /openapi.json`, and the
 monitor's `/dashboard` page when `fullchain.monitor.dashboard` is installed. SIGTERM (uvicorn's graceful
@@ -34,11 +38,14 @@ from fullchain.config import ServeConfig
 from fullchain.deploy.auth import BearerAuth, check_exposure, is_loopback
 from fullchain.deploy.batching import DynamicBatcher, NonFiniteOutput, QueueFull
 from fullchain.deploy.deadlines import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, READ_TIMED_OUT, H11WithDeadlines
-from fullchain.deploy.metrics import ServeMetrics
+from fullchain.deploy.metrics import VARIANT, ServeMetrics
 from fullchain.deploy.preprocess import InputError, Preprocessor
 from fullchain.deploy.schema import REQUEST_MODELS, PredictResponse
+from fullchain.deploy.split import CANDIDATE, PRIMARY, TrafficSplit, check_weight
+from fullchain.errors import UserError
 
 PREDICT_PATH = "/v1/predict"
+VARIANT_HEADER = "X-Model-Variant"  # live A/B: which model answered ("a" or "b")
 # The inference thread re-takes the GIL after every torch op; with CPython's default 5 ms switch interval a
 # busy event loop makes it wait up to that long each time (measured on 2 busy cores: about +15% at 64 clients).
 SWITCH_INTERVAL_S = 0.0005
@@ -91,19 +98,44 @@ class Arrivals:
             self.on_settled()
 
 
-class PredictMetrics:
-    """Latency, status counts and the in-flight gauge of every `POST /v1/predict`, whatever its outcome."""
+class Served:
+    """One model behind the server: its preprocessor, its batcher (requests of different models never share a
+    forward pass; `--queue-size` bounds each model's queue), the requests on their way to it, and its series."""
 
-    def __init__(self, app, metrics: ServeMetrics, arrivals: Arrivals):
-        self.app, self.metrics, self.arrivals = app, metrics, arrivals
+    def __init__(self, name: str, loaded: LoadedModel, cfg: ServeConfig, metrics: ServeMetrics):
+        self.name, self.loaded = name, loaded
+        self.pre = Preprocessor(loaded)
+        self.metrics = metrics.of(name)
+        self.arrivals = Arrivals()
+        self.batcher = DynamicBatcher(self.infer, loaded.task.postprocess, cfg.max_batch_size,
+                                      cfg.max_wait_ms / 1000, cfg.queue_size, self.metrics,
+                                      arriving=lambda: self.arrivals.count)
+        self.arrivals.on_settled = self.batcher.wake
+
+    def infer(self, items: list):
+        return self.loaded.runtime(*self.pre.collate(items))
+
+    async def start(self) -> None:
+        self.loaded.runtime(*self.loaded.task.example_inputs(1))  # pay first-call costs (allocations, kernels)
+        await self.batcher.start()
+
+
+class PredictMetrics:
+    """Picks the model of every `POST /v1/predict` as it arrives (`TrafficSplit`), and records its latency, status
+    and the in-flight gauge, whatever its outcome."""
+
+    def __init__(self, app, metrics: ServeMetrics, served: dict[str, Served], split: TrafficSplit):
+        self.app, self.metrics, self.served, self.split = app, metrics, served, split
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != PREDICT_PATH:
             return await self.app(scope, receive, send)
         status = 500
         started = time.perf_counter()
+        served = self.served[self.split.pick()]
+        scope.setdefault("state", {})[VARIANT] = served.name
         self.metrics.in_flight.inc()
-        self.arrivals.open(scope)
+        served.arrivals.open(scope)
 
         async def recording_send(message):
             nonlocal status
@@ -114,12 +146,12 @@ class PredictMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            self.arrivals.close(scope["state"])
+            served.arrivals.close(scope["state"])
             self.metrics.in_flight.dec()
-            self.metrics.request_seconds.observe(time.perf_counter() - started)
+            served.metrics.request_seconds.observe(time.perf_counter() - started)
             if scope["state"].get(READ_TIMED_OUT):  # the protocol answered 408; the app only saw a disconnect
                 status = 408
-            self.metrics.requests.labels(status=str(status)).inc()
+            served.metrics.count(str(status))
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -153,45 +185,54 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal server error"}, status_code=500, headers={"Connection": "close"})
 
 
-def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) -> FastAPI:
-    metrics = ServeMetrics()
-    pre = Preprocessor(loaded)
-    labels = loaded.label_names
-
-    def infer(items: list):
-        return loaded.runtime(*pre.collate(items))
-
-    arrivals = Arrivals()
-    batcher = DynamicBatcher(infer, loaded.task.postprocess, cfg.max_batch_size, cfg.max_wait_ms / 1000,
-                             cfg.queue_size, metrics, arriving=lambda: arrivals.count)
-    arrivals.on_settled = batcher.wake
+def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None,
+               candidate: LoadedModel | None = None, candidate_weight: float = 0.5) -> FastAPI:
+    """The app serving `loaded`; with a `candidate`, a live A/B: each request goes to the candidate ("b") with
+    probability `candidate_weight`, else to `loaded` ("a"), and says which in an `X-Model-Variant` header."""
+    split = TrafficSplit(candidate_weight if candidate is not None else None)
+    metrics = ServeMetrics(split.variants if split.active else ())
+    served = {PRIMARY: Served(PRIMARY, loaded, cfg, metrics)}
+    if candidate is not None:
+        served[CANDIDATE] = Served(CANDIDATE, candidate, cfg, metrics)
+    kinds = {s.pre.kind for s in served.values()}
+    if len(kinds) > 1:
+        raise UserError(f"--ab-model: the two models read different inputs ({' and '.join(sorted(kinds))}); "
+                        "an A/B split needs models that answer the same requests")
+    pre = served[PRIMARY].pre
     state = {"ready": False}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loaded.runtime(*loaded.task.example_inputs(1))  # pay first-call costs (allocations, kernels) before ready
-        await batcher.start()
+        for model in served.values():
+            await model.start()
         state["ready"] = True
         yield
         state["ready"] = False
-        await batcher.stop()
+        for model in served.values():
+            await model.batcher.stop()
 
+    shares = {PRIMARY: 1 - candidate_weight, CANDIDATE: candidate_weight}
+    described = " and ".join(f"{len(s.loaded.label_names)} labels with {s.loaded.runtime.name}"
+                             + (f" as variant {s.name} ({shares[s.name]:.0%} of requests)" if split.active else "")
+                             for s in served.values())
     app = FastAPI(title="fullchain ds serve", version="1", lifespan=lifespan,
-                  description=f"{pre.kind} classifier ({len(labels)} labels) served with {loaded.runtime.name}")
+                  description=f"{pre.kind} classifier: {described}")
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
     app.state.drain = lambda: state.update(ready=False)
     request_model = REQUEST_MODELS[pre.kind]
 
     async def predict(body: request_model, request: Request) -> Response:  # type: ignore[valid-type]
+        model = served[request.scope["state"][VARIANT]]
+        pre = model.pre
         raw = getattr(body, pre.field)
         try:
             items = await anyio.to_thread.run_sync(pre.encode, raw) if pre.decodes(raw) else pre.encode(raw)
         except InputError as exc:
             raise HTTPException(422, str(exc)) from None
-        arrivals.close(request.scope["state"])  # from here it waits in the batcher, not on its way to it
+        model.arrivals.close(request.scope["state"])  # from here it waits in the batcher, not on its way to it
         try:
-            results = await batcher.submit(items)
+            results = await model.batcher.submit(items)
         except QueueFull:
             raise HTTPException(503, "queue full; retry later",
                                 headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -199,7 +240,7 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) 
             raise HTTPException(422, f"{pre.field}[{exc.index}]: the model's output is not finite for this input "
                                      "(values far outside the training data?)") from None
         # a plain JSONResponse skips re-validating our own output; the schema stays documented by response_model
-        return JSONResponse({"predictions": results})
+        return JSONResponse({"predictions": results}, headers={VARIANT_HEADER: model.name} if split.active else None)
 
     app.add_api_route(PREDICT_PATH, predict, methods=["POST"], response_model=PredictResponse,
                       summary=f"classify {pre.field}", responses={503: {"description": "queue full"}})
@@ -222,7 +263,7 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, token: str | None = None) 
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     if token is not None:
         app.add_middleware(BearerAuth, token=token)
-    app.add_middleware(PredictMetrics, metrics=metrics, arrivals=arrivals)
+    app.add_middleware(PredictMetrics, metrics=metrics, served=served, split=split)
     app.state.metrics = metrics
     return app
 
@@ -256,19 +297,28 @@ def uvicorn_config(app: FastAPI, cfg: ServeConfig, header_timeout_s: float = HEA
 
 def serve(path: Path, runtime: str | None, cfg: ServeConfig, token_file: Path | None = None, *, insecure: bool = False,
           header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
-          trust_code: bool = False) -> None:
+          trust_code: bool = False, candidate: Path | None = None, candidate_weight: float = 0.5) -> None:
     """Load the model, then serve until SIGTERM/SIGINT; returns after the drain.
 
-    Beyond loopback, a token is required unless `insecure` (an authenticating proxy stands in front)."""
+    Beyond loopback, a token is required unless `insecure` (an authenticating proxy stands in front).
+    `candidate`: a second model answering `candidate_weight` of the requests (live A/B), with the runtime its path
+    implies (a ``.onnx`` file with ONNX Runtime)."""
     console = Console(stderr=True)
     token = read_token(token_file)
     check_exposure(cfg.host, token, insecure)
+    if candidate is not None:
+        check_weight(candidate_weight)  # before minutes of loading
     loaded = load(path, runtime, cfg.threads, trust_code=trust_code)
-    app = create_app(loaded, cfg, token)
+    second = load(candidate, None, cfg.threads, trust_code=trust_code) if candidate is not None else None
+    app = create_app(loaded, cfg, token, second, candidate_weight)
     if token is None and not is_loopback(cfg.host):
         console.print(f"[yellow]warning:[/] --insecure: serving on {cfg.host} without a token; anyone who reaches "
                       "this port can call the model")
     config = uvicorn_config(app, cfg, header_timeout_s, body_timeout_s)
+    if second is not None:
+        console.print(f"ds serve: A/B split, {1 - candidate_weight:.0%} to {loaded.source} (variant a), "
+                      f"{candidate_weight:.0%} to {second.source} with {second.runtime.name} (variant b)",
+                      highlight=False)
     console.print(f"ds serve: {loaded.source} with {loaded.runtime.name} on http://{cfg.host}:{cfg.port} "
                   f"(batch <= {cfg.max_batch_size}, wait <= {cfg.max_wait_ms} ms, queue {cfg.queue_size})",
                   highlight=False)

@@ -16,15 +16,18 @@ import httpx
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.table import Table
 
 from fullchain import metric_names as M
 from fullchain.bearer import read_token
 from fullchain.errors import UserError
 from fullchain.monitor.live import render
 from fullchain.monitor.report import Plot, Report, write_report
+from fullchain.monitor.report import Table as ReportTable
 from fullchain.monitor.rules import Finding, diagnose
 from fullchain.monitor.scrape import Scraper
 from fullchain.monitor.series import GROUPS, Recorder, histogram_delta, observation_facts, views_for
+from fullchain.monitor.variants import variant_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 err = Console(stderr=True)
@@ -58,8 +61,19 @@ def build_report(recorder: Recorder, source: str) -> Report:
     plots = [Plot(v.key, v.label, v.unit, recorder.points[v.key]) for v in recorder.views]
     notes = [f"{len(snaps)} scrapes over {snaps[-1].t - snaps[0].t:.1f} s; diagnosis uses every series the "
              "endpoint exposes, the plots show the groups chosen with --metrics"]
+    ab = variant_table(snaps[0], snaps[-1]) if len(snaps) > 1 else None
     return Report(f"ds-monitor report: {source}", source, diagnose(facts), facts, plots,
-                  [(t, h) for t, h in histograms if h.count > 0], notes=notes)
+                  [(t, h) for t, h in histograms if h.count > 0], tables=[ab] if ab else [], notes=notes)
+
+
+def print_tables(console: Console, tables: list[ReportTable]) -> None:
+    for t in tables:
+        table = Table(title=t.title)
+        for column in t.header:
+            table.add_column(column, justify="left" if column == "variant" else "right")
+        for row in t.rows:
+            table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row))
+        console.print(table)
 
 
 @app.command()
@@ -113,6 +127,7 @@ def monitor(
                   "and serving /metrics? (ds serve, or a training run with monitor.port set)")
         raise typer.Exit(1)
     result = build_report(recorder, scraper.url)
+    print_tables(Console(), result.tables)
     print_findings(Console(), result.findings)
     if report is not None:
         html_path, json_path = write_report(result, report)

@@ -5,21 +5,27 @@ exactly the split the model was trained against, so the figures match the end of
 scores a different set instead: a built-in name or a user file (csv, jsonl, npz, image folder); its labels
 are mapped onto the model's label names by name. Every variant is scored through the runtime `ds serve` would
 use for it (`fullchain.artifact.load`): an int8 artifact through its int8 program, never the float weights it
-also carries; an exported ``model.onnx`` through ONNX Runtime, with the model.json found beside it.
+also carries; an exported ``model.onnx`` through ONNX Runtime, with the model.json found beside it. Latency
+figures are timed the same way: batch-1 calls of real examples through that runtime. `prepare` and
+`predicted_labels` give `ds ab` the same examples and runtimes, per example.
 """
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from fullchain.artifact import load
+from fullchain.artifact import LoadedModel, load
 from fullchain.config import DataConfig
 from fullchain.data import DataBundle, build_data
 from fullchain.errors import UserError
+from fullchain.optimize.measure import latency_samples, median_p99_ms
 from fullchain.tasks import LABELS
 from fullchain.train.evaluation import evaluate_model
 
@@ -108,23 +114,31 @@ def text_baselines(bundle: DataBundle) -> dict[str, dict[str, Any]]:
                              "ngram_range": list(ngrams), "C": c}}
 
 
-def evaluate_artifact(
+@dataclass
+class Prepared:
+    """An artifact loaded with the runtime it serves with, and the examples it is scored on."""
+
+    loaded: LoadedModel
+    dataset: Dataset
+    split: str
+
+    def loader(self, batch_size: int) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, collate_fn=self.loaded.task.collate)
+
+
+def prepare(
     model_path: str | Path,
     data: str | None = None,
     split: str | None = None,
-    batch_size: int = 64,
     bundle: DataBundle | None = None,
     trust_code: bool = False,
-) -> dict[str, Any]:
-    """Score an artifact (a directory, or an exported ``.onnx`` with model.json beside it) through the runtime it
-    serves with; returns accuracy, macro_f1, loss, n, the confusion matrix and label names (perplexity and token
-    accuracy for a language model).
-
-    `trust_code`: the artifact's builder may be user code it names (see `fullchain.models.targets`)."""
+) -> Prepared:
+    """Load the artifact at `model_path` and the examples `ds evaluate` scores it on (its own recipe's test split,
+    or `data`), with the labels mapped onto the model's label indices."""
     if split is not None and split not in SPLITS:
         raise UserError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
     loaded = load(model_path, threads=torch.get_num_threads(), trust_code=trust_code)
-    meta, task = loaded.meta, loaded.task
+    meta = loaded.meta
     if bundle is None:
         if meta.data is None and data is None:
             raise UserError(f"{model_path}: model.json records no training data; pass --data")
@@ -145,9 +159,54 @@ def evaluate_artifact(
         if unknown:
             raise UserError(f"--data: labels {unknown} are not among the model's labels {meta.label_names}")
         dataset = _RelabelledDataset(dataset, [meta.label_names.index(n) for n in bundle.label_names])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=task.collate)
-    metrics = evaluate_model(_RuntimeAsModule(loaded.runtime), loader, task, torch.device("cpu"))
-    result = {"split": split, "n": metrics["n"], "loss": metrics["eval_loss"]}
+    return Prepared(loaded, dataset, split)
+
+
+def runtime_latencies(prepared: Prepared, samples: int, warmup: int = 5) -> list[float]:
+    """Seconds of single-example calls (batch 1, the real-time case) through the serving runtime, cycling over the
+    first `samples` examples of the evaluated data."""
+    task, runtime = prepared.loaded.task, prepared.loaded.runtime
+    examples = [task.model_inputs(task.collate([prepared.dataset[i]]))
+                for i in range(min(samples, len(prepared.dataset)))]
+    calls = itertools.cycle(examples)
+    return latency_samples(lambda: runtime(*next(calls)), repeats=samples, warmup=warmup)
+
+
+def latency_figures(seconds: list[float]) -> dict[str, float]:
+    p50, p99 = median_p99_ms(seconds)
+    return {"latency_p50_ms": p50, "latency_p99_ms": p99}
+
+
+def predicted_labels(prepared: Prepared, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(true label index, predicted label index) of every example, in the model's label order."""
+    task, runtime = prepared.loaded.task, prepared.loaded.runtime
+    truth, predicted = [], []
+    for batch in prepared.loader(batch_size):
+        truth.append(batch[LABELS].numpy())
+        predicted.append(runtime(*task.model_inputs(batch)).argmax(-1))
+    return np.concatenate(truth), np.concatenate(predicted)
+
+
+def evaluate_artifact(
+    model_path: str | Path,
+    data: str | None = None,
+    split: str | None = None,
+    batch_size: int = 64,
+    bundle: DataBundle | None = None,
+    trust_code: bool = False,
+    latency_calls: int = 0,
+) -> dict[str, Any]:
+    """Score an artifact (a directory, or an exported ``.onnx`` with model.json beside it) through the runtime it
+    serves with; returns accuracy, macro_f1, loss, n, the confusion matrix and label names (perplexity and token
+    accuracy for a language model); with `latency_calls`, also the median and p99 of that many batch-1 calls
+    (``latency_p50_ms``, ``latency_p99_ms``).
+
+    `trust_code`: the artifact's builder may be user code it names (see `fullchain.models.targets`)."""
+    prepared = prepare(model_path, data, split, bundle, trust_code)
+    meta, task = prepared.loaded.meta, prepared.loaded.task
+    metrics = evaluate_model(_RuntimeAsModule(prepared.loaded.runtime), prepared.loader(batch_size), task,
+                             torch.device("cpu"))
+    result = {"split": prepared.split, "n": metrics["n"], "loss": metrics["eval_loss"]}
     if "eval_accuracy" in metrics:
         result.update(
             accuracy=metrics["eval_accuracy"],
@@ -157,4 +216,6 @@ def evaluate_artifact(
         )
     else:
         result.update(perplexity=metrics["eval_perplexity"], token_accuracy=metrics["eval_token_accuracy"])
+    if latency_calls:
+        result.update(latency_figures(runtime_latencies(prepared, latency_calls)))
     return result
