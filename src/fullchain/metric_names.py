@@ -10,6 +10,7 @@ GRAD_NORM = "grad_norm"
 TRAIN_SAMPLES_TOTAL = "train_samples_total"
 TRAIN_SAMPLES_PER_SECOND = "train_samples_per_second"
 TRAIN_STEP_SECONDS = "train_step_seconds"
+TRAIN_RANK_BATCH_SAMPLES = "train_rank_batch_samples"  # + "_rank<R>": each data rank's balanced share
 DATA_WAIT_SECONDS = "train_data_wait_seconds"
 AMP_SKIPPED_STEPS_TOTAL = "amp_skipped_steps_total"
 AMP_LOSS_SCALE = "amp_loss_scale"

@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fullchain import metric_names as M
 from fullchain.config import DistributedConfig
-from fullchain.distributed.comm.counters import ring_allreduce_bytes
+from fullchain.distributed.balance import LoadBalancer, UniformSplit
+from fullchain.distributed.comm.counters import WIRE_BYTES_TOTAL, ring_allreduce_bytes, tcp_bytes_sent
 from fullchain.distributed.comm.register import register_compression
 from fullchain.distributed.strategy import LocalStrategy
 
@@ -29,8 +30,8 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-class DDPStrategy(LocalStrategy):
-    """DDP with an optional gradient-compression / hierarchical communication hook (`distributed.compression`)."""
+class ProcessGroupStrategy(LocalStrategy):
+    """One process per device in torchrun's process group: the base of DDP and the mesh strategies."""
 
     def __init__(self, cfg: DistributedConfig | None = None):
         cfg = cfg or DistributedConfig()
@@ -51,6 +52,38 @@ class DDPStrategy(LocalStrategy):
         self.world_size = dist.get_world_size()
         self.local_rank = local_rank
         self.cfg = cfg
+
+    def splitter(self, global_batch: int) -> UniformSplit | LoadBalancer:
+        balance = self.cfg.balance
+        if not balance.enabled:
+            return UniformSplit(self)
+        return LoadBalancer(global_batch, self.data_rank, self.data_world_size, balance.every_steps,
+                            balance.min_share)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        verdict = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+        return bool(verdict.item())
+
+    def close(self) -> None:
+        """Finish every collective in flight, then release the group.
+
+        The barrier makes every rank reach the end before any tears its group down, so no peer sees a
+        connection reset in its last collective.
+        """
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+class DDPStrategy(ProcessGroupStrategy):
+    """DDP with an optional gradient-compression / hierarchical communication hook (`distributed.compression`)."""
+
+    def __init__(self, cfg: DistributedConfig | None = None):
+        super().__init__(cfg)
         self.comm_state = None
         self.fp32_bytes_per_step = 0
 
@@ -82,26 +115,9 @@ class DDPStrategy(LocalStrategy):
             self.comm_state.load_state_dict(state["comm_hook"])
 
     def metrics(self, steps: int) -> dict[str, float]:
+        wire = {WIRE_BYTES_TOTAL: sent} if (sent := tcp_bytes_sent()) is not None else {}
         if self.comm_state is None:
-            return {M.COMM_BYTES_TOTAL: steps * self.fp32_bytes_per_step}
+            return {M.COMM_BYTES_TOTAL: steps * self.fp32_bytes_per_step, **wire}
         stats = self.comm_state.stats
         return {M.COMM_BYTES_TOTAL: stats.bytes_sent, M.COMM_SECONDS_TOTAL: stats.comm_time_s,
-                M.COMM_INTER_NODE_BYTES_TOTAL: stats.inter_node_bytes}
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def any_rank(self, flag: bool) -> bool:
-        verdict = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
-        return bool(verdict.item())
-
-    def close(self) -> None:
-        """Finish every collective in flight, then release the group.
-
-        The barrier makes every rank reach the end before any tears its group down, so no peer sees a
-        connection reset in its last collective.
-        """
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+                M.COMM_INTER_NODE_BYTES_TOTAL: stats.inter_node_bytes, **wire}

@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 
+from fullchain.distributed.balance import UniformSplit
+
 
 class LocalStrategy:
     world_size = 1
@@ -39,6 +41,27 @@ class LocalStrategy:
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return getattr(model, "module", model)
 
+    @property
+    def data_rank(self) -> int:
+        """Which slice of each global batch this rank reads (ranks of one tensor-parallel group share one)."""
+        return self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        """How many slices each global batch is cut into."""
+        return self.world_size
+
+    def splitter(self, global_batch: int) -> UniformSplit:
+        """How each global batch is split over the data ranks (`fullchain.distributed.balance`)."""
+        return UniformSplit(self)
+
+    def full_model(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The trained model as one plain module with whole parameters on the main rank, None elsewhere.
+
+        Collective with several ranks (a sharded model gathers its parameters): every rank calls it.
+        """
+        return self.unwrap(model) if self.is_main else None
+
     def barrier(self) -> None:
         """Wait for every rank; nothing to wait for in one process."""
 
@@ -59,6 +82,24 @@ class LocalStrategy:
 
     def close(self) -> None:
         """Release the process group, if any."""
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str],
+                     model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Point `optimizer` at `model`'s parameters, in place, when wrapping replaced them (FSDP2 and tensor
+    parallelism register new sharded parameters); `names` maps ``id(old parameter)`` to its name.
+
+    Only an optimiser without state can be rebound: it is built before training, its state comes after.
+    """
+    current = dict(model.named_parameters())
+    live = {id(p) for p in current.values()}
+    if all(id(p) in live for g in optimizer.param_groups for p in g["params"]):
+        return optimizer
+    if optimizer.state:
+        raise ValueError("the optimizer already holds state; build it before wrapping the model")
+    for group in optimizer.param_groups:
+        group["params"] = [current[names[id(p)]] for p in group["params"]]
+    return optimizer
 
 
 def resolve_device(name: str) -> torch.device:

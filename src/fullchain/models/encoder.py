@@ -166,6 +166,36 @@ class TransformerEncoder(nn.Module):
         return self.ln_f(h)
 
 
+def parallelize_blocks(encoder: TransformerEncoder, tp_mesh, cfg=None) -> TransformerEncoder:
+    """Megatron-style tensor parallelism of every block on `tp_mesh` (torch's ParallelStyles).
+
+    Q, K, V and the first MLP layer are column-parallel (each rank computes its heads / hidden units), the
+    attention output and the second MLP layer row-parallel (their partial sums are all-reduced), so one block
+    costs two all-reduces forward and two backward. Embeddings, norms and heads stay replicated across
+    `tp_mesh` (FSDP2 shards them on the data dimensions). Each rank's attention then holds
+    ``n_heads / tensor`` heads, which the head count must divide.
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    size = tp_mesh.size()
+    plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+            "attn.out_proj": RowwiseParallel(), "ff.fc1": ColwiseParallel(), "ff.fc2": RowwiseParallel()}
+    for block in encoder.blocks:
+        attn = block.attn
+        if attn.n_heads % size or block.ff.fc1.out_features % size:
+            raise ValueError(f"tensor parallel size {size} must divide n_heads ({attn.n_heads}) and d_ff "
+                             f"({block.ff.fc1.out_features})")
+        parallelize_module(block, tp_mesh, plan)
+        attn.n_heads, attn.d_model = attn.n_heads // size, attn.d_model // size
+    return encoder
+
+
+def parallelize_encoder_model(model: nn.Module, tp_mesh, cfg=None) -> nn.Module:
+    """The model spec's ``parallelize`` hook for models built around ``model.encoder`` (classifier, causal LM)."""
+    parallelize_blocks(model.encoder, tp_mesh, cfg)
+    return model
+
+
 def _init_weights(module: nn.Module) -> None:
     """GPT/BERT-style init: N(0, 0.02) for Linear and Embedding weights, zero biases."""
     if isinstance(module, nn.Linear):

@@ -20,6 +20,7 @@ from torch import nn
 from fullchain.errors import UserError, one_line
 from fullchain.models.causal_lm import CausalLM
 from fullchain.models.cnn import ResNetCNN
+from fullchain.models.encoder import parallelize_encoder_model
 from fullchain.models.mlp import MLP
 from fullchain.models.spec import ModelSpec
 from fullchain.models.targets import RUN_FILE, TargetOrigin, resolve_target
@@ -28,8 +29,10 @@ from fullchain.models.transformer import TransformerClassifier
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("mlp", MLP, ("features", "image"), "multi-layer perceptron for feature rows (images are flattened)"),
     ModelSpec("cnn", ResNetCNN, ("image",), "ResNet-style CNN, up to ResNet-50/152 presets"),
-    ModelSpec("transformer", TransformerClassifier, ("text",), "Transformer encoder text classifier"),
-    ModelSpec("causal_lm", CausalLM, ("lm",), "small decoder-only language model"),
+    ModelSpec("transformer", TransformerClassifier, ("text",), "Transformer encoder text classifier",
+              parallelize=parallelize_encoder_model),
+    ModelSpec("causal_lm", CausalLM, ("lm",), "small decoder-only language model",
+              parallelize=parallelize_encoder_model),
 )}
 
 # Constructor parameters whose value comes from the data, and how the reference models relate to it:

@@ -52,6 +52,14 @@ def checkpoint_blocking(run_dir: Path) -> tuple[list[float], int | None]:
     return staging, every
 
 
+def rank_shares(row: dict[str, Any]) -> list[float]:
+    """Each data rank's balanced share of the batch (distributed.balance), rank 0 first; [] when unbalanced."""
+    prefix = M.TRAIN_RANK_BATCH_SAMPLES + "_rank"
+    shares = {int(key[len(prefix):]): _float(value) for key, value in row.items()
+              if key.startswith(prefix) and key[len(prefix):].isdigit()}
+    return [shares[r] for r in sorted(shares)]
+
+
 def log_facts(rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     steps_rows = [r for r in rows if M.TRAIN_LOSS in r]
     resumes = [r for r in rows if r.get("event") == "resume"]
@@ -60,6 +68,7 @@ def log_facts(rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
         "samples_per_s": [_float(r.get(M.TRAIN_SAMPLES_PER_SECOND)) for r in steps_rows],
         "restarts": len(resumes),
         "steps_lost": sum(int(r.get("steps_lost", 0)) for r in resumes),
+        "rank_batch_samples": rank_shares(steps_rows[-1]) if steps_rows else [],
     }
     if len(steps_rows) < 2:
         return {**facts, "steps": steps_rows[-1]["step"] if steps_rows else 0}

@@ -31,6 +31,7 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "throughput_drop": (0.75, "late throughput below this fraction of the post-warm-up median"),
     "warmup_fraction": (0.2, "leading share of throughput points ignored as warm-up"),
     "loss_spike_factor": (3.0, "a loss above this multiple of the running median is a spike"),
+    "straggler_ratio": (0.75, "a rank's balanced share of the batch below this fraction of the largest share"),
 }
 
 
@@ -258,9 +259,27 @@ def restarts(facts: dict[str, Any]) -> Finding | None:
         settings={"checkpoint.every_steps": 100})
 
 
+def straggler(facts: dict[str, Any]) -> Finding | None:
+    """Load balancing (distributed.balance) gives each rank samples in proportion to its speed: a rank whose
+    share is far below the largest is slower than its peers."""
+    shares = [float(v) for v in facts.get("rank_batch_samples") or []]
+    if len(shares) < 2 or max(shares) <= 0:
+        return None
+    slowest = min(range(len(shares)), key=shares.__getitem__)
+    ratio = shares[slowest] / max(shares)
+    if not ratio < threshold("straggler_ratio"):
+        return None
+    return Finding(
+        "train_straggler", f"Rank {slowest} is a straggler", 1 - ratio,
+        [Evidence(f"train_rank_batch_samples rank {slowest} / largest rank", ratio, threshold("straggler_ratio"),
+                  "<")],
+        f"rank {slowest} runs {1 / ratio:.1f}x slower than the fastest rank; balancing already gives it less work: "
+        "look for CPU contention, thermal throttling or a slower device on its node, or leave it out")
+
+
 RULES: tuple[Callable[[dict[str, Any]], Finding | None], ...] = (
     queue_bound, unbatched, inference_bound, errors, data_bound, comm_bound, checkpoint_blocking, amp_skips,
-    loss_trouble, throughput_regression, restarts,
+    loss_trouble, throughput_regression, restarts, straggler,
 )
 
 

@@ -20,8 +20,8 @@ from rich.console import Console
 from fullchain.artifact import ArtifactMeta, save_artifact
 from fullchain.config import OptimizerConfig, RunConfig, dump_config
 from fullchain.data import DataBundle, build_data
-from fullchain.distributed.ddp import DDPStrategy, launched_by_torchrun
-from fullchain.distributed.strategy import LocalStrategy, resolve_device
+from fullchain.distributed.select import make_strategy
+from fullchain.distributed.strategy import LocalStrategy
 from fullchain.errors import TrainingStopped, UserError
 from fullchain.models import MODELS, build_model, count_parameters, model_args_from_data
 from fullchain.models.targets import TargetOrigin
@@ -165,8 +165,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
     checkpoints exist and none verifies, "auto" stops with exit code 2 before training, unless `allow_fresh`
     (they are then moved aside and training starts from step 0).
     """
-    strategy = DDPStrategy(cfg.distributed) if launched_by_torchrun() else None
-    strategy = strategy or LocalStrategy(resolve_device(cfg.train.device))
+    strategy = make_strategy(cfg)
     run_dir = cfg.run_dir
     if strategy.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +217,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
             f"{run_dir / 'checkpoints'}; continue with: ds train <run file> --resume auto",
             exit_code=128 + int(getattr(signal, result.stopped_by)),
         )
+    final = strategy.full_model(trainer.model)  # collective: a sharded model gathers its parameters
     if not strategy.is_main:
         strategy.close()
         return None
@@ -231,6 +231,6 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
         extra={"run": cfg.name, "train": result.summary()},
         task=prepared.task.describe(),
     )
-    model_dir = save_artifact(run_dir / "model", trainer.unwrapped_model.cpu(), meta, encoder=bundle.encoder)
+    model_dir = save_artifact(run_dir / "model", final.cpu(), meta, encoder=bundle.encoder)
     strategy.close()
     return TrainOutcome(result=result, model_dir=model_dir, bundle=bundle, parameters=n_params)

@@ -68,6 +68,7 @@ class FP16(Precision):
                 stacklevel=2,
             )
         self.scaler = torch.amp.GradScaler(device.type)
+        self._scale = self.scaler.get_scale()  # no host sync: the scaler holds no tensor yet
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -76,10 +77,15 @@ class FP16(Precision):
         self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        scale_before = self.scaler.get_scale()
+        """Step unless the gradients overflowed; an overflow lowers the scale, which is how it is detected.
+
+        The scale before the step is remembered from the previous one, so a step reads the scale from the device
+        once (reading it before and after would sync the host twice per step on CUDA).
+        """
         self.scaler.step(optimizer)
         self.scaler.update()
-        stepped = self.scaler.get_scale() >= scale_before
+        scale = self.scaler.get_scale()
+        stepped, self._scale = scale >= self._scale, scale
         if not stepped:
             self.skipped_steps += 1
         return stepped
@@ -95,6 +101,7 @@ class FP16(Precision):
         super().load_state_dict(state)
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+            self._scale = float(state["scaler"].get("scale", self._scale))
 
 
 PRECISIONS: dict[str, type[Precision]] = {"fp32": Precision, "bf16": BF16, "fp16": FP16}
@@ -105,9 +112,21 @@ def make_precision(name: str, device: torch.device) -> Precision:
 
 
 def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """The global L2 norm of the gradients (inf/NaN when any gradient is), clipped to `max_norm` when set."""
-    params = list(params)
+    """The global L2 norm of the gradients (inf/NaN when any gradient is), clipped to `max_norm` when set.
+
+    Sharded gradients (DTensors) count whole: the norm of each device mesh's gradients is reduced over its
+    ranks, and meshes are combined here, since torch's ``clip_grad_norm_`` cannot mix DTensors of two meshes
+    (a tensor-parallel layer's and an FSDP-only layer's).
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    norms = [torch.nn.utils.get_total_norm(grads) for grads in by_mesh.values()]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
     if max_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from fullchain import metric_names as M
 from fullchain.config import TrainConfig
 from fullchain.data.sampler import ResumableSampler
-from fullchain.distributed.strategy import LocalStrategy, resolve_device
+from fullchain.distributed.balance import BalancedBatchSampler, LoadBalancer
+from fullchain.distributed.strategy import LocalStrategy, rebind_optimizer, resolve_device
 from fullchain.errors import UserError
 from fullchain.tasks import Batch, Task, TensorPairs, batch_size, to_device
 from fullchain.train.callbacks import CallbackList
@@ -106,15 +107,17 @@ class Trainer:
         cfg = self.config
         self.strategy = strategy or LocalStrategy(resolve_device(cfg.device))
         self.device = self.strategy.device
+        names = {id(p): name for name, p in model.named_parameters()}
         self.model = self.strategy.wrap(model)
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every
         self.resume = resume
-        self.optimizer = optimizer
+        self.optimizer = rebind_optimizer(optimizer, names, self.strategy.unwrap(self.model))  # in place
         self.task = task or task_of(train_data) or TensorPairs()
         self.precision = make_precision(cfg.precision, self.device)
         self.nonfinite = NonFiniteGuard(cfg.on_nonfinite, cfg.precision, self.strategy.any_rank)
         self.seed = seed
+        self.split = self.strategy.splitter(cfg.batch_size * self.strategy.data_world_size)
         self.train_loader = self._loader(train_data, collate_fn, shuffle=True)
         self.eval_loader = self._loader(eval_data, collate_fn, shuffle=False) if eval_data is not None else None
         micro_batches_per_epoch = len(self.train_loader)
@@ -145,10 +148,13 @@ class Trainer:
         """
         if isinstance(data, DataLoader):
             return data
+        if shuffle and isinstance(self.split, LoadBalancer):
+            return DataLoader(data, batch_sampler=BalancedBatchSampler(len(data), self.seed, self.split),
+                              collate_fn=collate_fn or self.task.collate, num_workers=self.config.num_workers)
         sampler = None
         if shuffle:
-            sampler = ResumableSampler(len(data), self.seed, rank=self.strategy.rank,
-                                       world_size=self.strategy.world_size)
+            sampler = ResumableSampler(len(data), self.seed, rank=self.strategy.data_rank,
+                                       world_size=self.strategy.data_world_size)
         return DataLoader(
             data,
             batch_size=self.config.batch_size,
@@ -164,17 +170,19 @@ class Trainer:
         """One optimiser update over the micro-batches of one step; returns the step's loss and grad norm."""
         if not self.model.training:  # Module.train() walks every submodule: ~0.3 ms a step on a small CNN
             self.model.train()
-        step_targets = sum(self.task.count_targets(batch) for batch in micro_batches)
-        step_loss = 0.0
+        local_targets = sum(self.task.count_targets(batch) for batch in micro_batches)
+        step_targets = self.split.step_targets(local_targets, self.device)
+        step_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
-            with self.strategy.sync_gradients(self.model, sync=i == len(micro_batches) - 1):
+            with self.split.micro_batch(self.model, batch_size(batch), last=i == len(micro_batches) - 1):
                 with self.precision.autocast():
                     outputs = self.model(*self.task.model_inputs(batch))
                     loss_sum, _ = self.task.loss(outputs, batch)
                     loss = loss_sum / step_targets  # each micro-batch weighs by its share of the step's targets
                 self.precision.backward(loss)
             step_loss = step_loss + loss.detach()
+        step_loss = self.split.finish(self.model, step_loss)
         self.precision.unscale(self.optimizer)
         grad_norm = clip_gradients(self.model.parameters(), self.config.clip_norm)
         if self.nonfinite.admits(self.step + 1, step_loss, grad_norm):
@@ -238,6 +246,7 @@ class Trainer:
                 self.step += 1
                 self.samples_seen += samples
                 self.micro_batches_in_epoch += len(micro_batches)
+                self.split.maybe_rebalance(self.step)
                 samples_since_log += samples
                 metrics: dict[str, Any] = {"logged": False}
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -263,7 +272,9 @@ class Trainer:
         After a resume, the micro-batches the interrupted run already consumed in this epoch are skipped.
         """
         sampler = self.train_loader.sampler
-        if isinstance(sampler, ResumableSampler):
+        if isinstance(self.train_loader.batch_sampler, BalancedBatchSampler):
+            self.train_loader.batch_sampler.set_epoch(self.epoch, skip_batches=self.micro_batches_in_epoch)
+        elif isinstance(sampler, ResumableSampler):
             sampler.set_epoch(self.epoch, skip=self.micro_batches_in_epoch * self.config.batch_size)
         elif hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
@@ -282,12 +293,13 @@ class Trainer:
             "micro_batches_in_epoch": self.micro_batches_in_epoch,
             "batch_size": self.config.batch_size,
             "grad_accum": self.config.grad_accum,
-            "world_size": self.strategy.world_size,
+            "world_size": self.strategy.data_world_size,
             "scheduler": self.scheduler.state_dict(),
             "precision": self.precision.state_dict(),
             "nonfinite": self.nonfinite.state_dict(),
             "rng": capture_rng_state(),
             "strategy": self.strategy.state_dict(),
+            "split": self.split.state_dict(),
         }
         return TrainingState(
             model=self.unwrapped_model.state_dict(), optimizer=self.optimizer.state_dict(), trainer=trainer_state
@@ -328,13 +340,14 @@ class Trainer:
             )
         self.step, self.epoch, self.samples_seen = t["step"], t["epoch"], t["samples_seen"]
         self.micro_batches_in_epoch = t["micro_batches_in_epoch"]
-        if t["world_size"] != self.strategy.world_size:
+        if t["world_size"] != self.strategy.data_world_size:
             self.micro_batches_in_epoch = 0  # another sharding of the data: restart the epoch's order
         self.scheduler.load_state_dict(t["scheduler"])
         self.precision.load_state_dict(t["precision"])
         self.nonfinite.load_state_dict(t.get("nonfinite", {}))
+        self.split.load_state_dict(t.get("split", {}))
         restore_rng_state(t["rng"])
-        if t["world_size"] == self.strategy.world_size:
+        if t["world_size"] == self.strategy.data_world_size:
             self.strategy.load_state_dict(t.get("strategy", {}))
         self._last_checkpoint_step = self.step
         self.resume_load_s = time.perf_counter() - load_start
@@ -353,6 +366,7 @@ class Trainer:
             "epoch": self.epoch,
         }
         metrics.update(self.strategy.metrics(self.step))
+        metrics.update(self.split.metrics())
         if out.get("grad_norm") is not None:
             metrics[M.GRAD_NORM] = float(out["grad_norm"])
         if hasattr(self.precision, "loss_scale"):

@@ -3,10 +3,18 @@
 Each hook counts the bytes this rank puts on the wire. For the collectives it runs itself (all-to-all,
 all-gather, reduce-scatter) that is exact: ``(W - 1)`` peer messages. For an all-reduce it is the ring-algorithm
 volume ``2 (W - 1) / W * numel * itemsize`` (what NCCL's and gloo's ring send per rank).
+`tcp_bytes_sent` is the kernel's own count of what this process sent over TCP (gloo's connections included):
+a measurement on the wire to check those counts against, for every hook and for DDP's native all-reduce.
 """
 
+import os
+import socket
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
+
+WIRE_BYTES_TOTAL = "comm_wire_bytes_total"  # metrics.jsonl key of `tcp_bytes_sent`
+_TCPI_BYTES_SENT = slice(200, 208)  # struct tcp_info's __u64 tcpi_bytes_sent (Linux >= 4.19)
 
 
 @dataclass
@@ -38,3 +46,30 @@ def ring_allreduce_bytes(numel: int, itemsize: int, world_size: int) -> int:
     if world_size <= 1:
         return 0
     return int(round(2 * (world_size - 1) / world_size * numel * itemsize))
+
+
+def tcp_bytes_sent() -> int | None:
+    """Payload bytes sent so far by this process's open TCP sockets, as the kernel counts them (TCP_INFO).
+
+    Covers every TCP connection of the process (gloo's peers, the rendezvous store, an exporter if one runs);
+    None where the kernel does not report it (not Linux, or older than 4.19).
+    """
+    total = 0
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(int(fd))) as sock:  # a duplicate: closing it leaves the connection
+                if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except (OSError, ValueError):
+            continue
+        if len(info) < _TCPI_BYTES_SENT.stop:
+            return None
+        total += int.from_bytes(info[_TCPI_BYTES_SENT], sys.byteorder)
+    return total
