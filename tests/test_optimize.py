@@ -142,6 +142,12 @@ QKV_NAMES = {"ours": {"q_proj", "k_proj", "v_proj"}, "hf_bert": {"query", "key",
 SPELLINGS = {"ours": _ours, "hf_bert": _bert, "einsum": _einsum, "masked_fill": _masked_fill}
 
 
+def rewriting(passes=("all",)) -> PassManager:
+    """A pass manager without the latency guard: these tests are about what the rewrites do, and timings taken
+    on a shared machine are noise; the guard has its own test with a deterministic slowdown."""
+    return PassManager(list(passes), latency_guard=False)
+
+
 def _count(gm, predicate) -> int:
     return sum(1 for node in gm.graph.nodes if predicate(node))
 
@@ -176,7 +182,7 @@ def test_after_all_passes_one_sdpa_per_block_and_one_fused_linear_per_qkv_group(
     model, inputs, blocks = SPELLINGS[spelling]()
     with torch.no_grad():
         want = model(*inputs)
-    gm, outcomes = PassManager(["all"]).run(model, inputs)
+    gm, outcomes = rewriting().run(model, inputs)
     assert {o.name: o.status for o in outcomes}["fuse_attention"] == "applied"
     assert _count(gm, _is_sdpa) == blocks
     assert _count(gm, lambda n: n.op == "call_function" and n.target in (F.softmax, torch.softmax)) == 0
@@ -264,7 +270,7 @@ MUST_NOT_REWRITE = {
 def test_patterns_that_must_not_be_rewritten_leave_the_graph_unchanged(case):
     model, inputs = MUST_NOT_REWRITE[case]()
     before = capture(model, inputs).code
-    gm, outcomes = PassManager(["all"]).run(model, inputs)
+    gm, outcomes = rewriting().run(model, inputs)
     assert {o.name: o.status for o in outcomes} == dict.fromkeys(PASSES, "no-match")
     assert gm.code == before
 
@@ -302,7 +308,7 @@ def test_a_pass_that_changes_outputs_is_rolled_back_with_a_warning(monkeypatch):
     with torch.no_grad():
         want = model(*inputs)
     with pytest.warns(PassRolledBack, match="broken: rolled back"):
-        gm, outcomes = PassManager(["fuse_qkv", "broken", "fuse_attention"]).run(model, inputs)
+        gm, outcomes = rewriting(["fuse_qkv", "broken", "fuse_attention"]).run(model, inputs)
     status = {o.name: o.status for o in outcomes}
     assert status == {"fuse_qkv": "applied", "broken": "rolled-back", "fuse_attention": "applied"}
     broken = next(o for o in outcomes if o.name == "broken")
@@ -411,14 +417,20 @@ def test_ds_optimize_writes_an_artifact_that_evaluates_like_the_original(text_ar
     result = _ds("optimize", text_artifact, "--out", out, "--precision", "fp32")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "optimize_report.json").read_text())
-    status = {p["pass"]: p["status"] for p in report["passes"]}
-    assert status["fuse_qkv"] == status["fuse_attention"] == "applied"
-    assert status["fold_conv_bn"] == "no-match"
+    status = {p["pass"]: (p["status"], p["reason"]) for p in report["passes"]}
+    # the latency guard may roll a pass back on this shared machine's noise, never for parity or an error
+    assert {status["fuse_qkv"], status["fuse_attention"]} <= {("applied", None), ("rolled-back", "slower")}
+    assert status["fold_conv_bn"] == ("no-match", None)
+    applied = [name for name, (state, _) in status.items() if state == "applied"]
+    assert report["rolled_back_for_speed"] == [n for n in ("fuse_qkv", "fuse_attention") if n not in applied]
+    assert report["capture"] == {"graphs": {"": "export"}, "not_captured": []}
     assert report["parity"]["final"]["ok"] and report["parity"]["final"]["max_abs"] <= 1e-5
     assert report["before"]["latency_ms_batch1"] > 0 and report["after"]["latency_ms_batch8"] > 0
+    timed = report["latency"]["batch1"]
+    assert timed["rounds"] >= 3 and timed["after_vs_before"] > 0
+    assert isinstance(timed["threads"], int) and timed["threads"] >= 1  # the subprocess's own thread count
     assert report["eval"]["before"]["accuracy"] == report["eval"]["after"]["accuracy"]
-    assert json.loads((out / "model.json").read_text())["extra"]["optimize"]["passes"] == ["fuse_qkv",
-                                                                                          "fuse_attention"]
+    assert json.loads((out / "model.json").read_text())["extra"]["optimize"]["passes"] == applied
     original = _ds("evaluate", text_artifact, "--json", tmp_path / "a.json")
     optimized = _ds("evaluate", out, "--json", tmp_path / "b.json")
     assert original.returncode == optimized.returncode == 0, optimized.stderr
@@ -456,7 +468,7 @@ def test_warnings_do_not_leak_from_a_clean_run():
     model, inputs, _ = _einsum()
     with warnings.catch_warnings():
         warnings.simplefilter("error", PassRolledBack)
-        PassManager(["all"]).run(model, inputs)
+        rewriting().run(model, inputs)
 
 
 @pytest.mark.slow

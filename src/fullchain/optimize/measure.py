@@ -14,9 +14,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -95,3 +97,52 @@ def median_p99_ms(samples: list[float]) -> tuple[float, float]:
     """Median and 99th percentile (nearest rank) of latency samples in seconds, as milliseconds."""
     ms = sorted(s * 1e3 for s in samples)
     return statistics.median(ms), ms[min(len(ms) - 1, int(0.99 * len(ms)))]
+
+
+@dataclass(frozen=True)
+class PairedLatency:
+    """Two callables timed in alternation: medians per call, the median of per-round ratios, rounds and threads."""
+
+    before_ms: float
+    after_ms: float
+    ratio: float  # median over rounds of after / before: above 1 means slower
+    rounds: int
+    calls_per_round: int
+    threads: int
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"before_ms": round(self.before_ms, 4), "after_ms": round(self.after_ms, 4),
+                "after_vs_before": round(self.ratio, 4), "rounds": self.rounds,
+                "calls_per_round": self.calls_per_round, "threads": self.threads}
+
+
+def paired_latency(before: Callable[[], object], after: Callable[[], object], rounds: int = 7,
+                   min_round_s: float = 0.005, device: torch.device | str = "cpu") -> PairedLatency:
+    """Time ``before`` and ``after`` alternately; the order swaps every round, so neither always runs second.
+
+    A round times enough back-to-back calls of one callable to last ``min_round_s``, so that a millisecond model
+    is not judged by scheduler noise. Calls are counted from the fastest of three warm-up calls of each: a first
+    call (lazy initialisation, a freshly captured graph) or one preempted call would otherwise size the rounds
+    down to a single call.
+    """
+    fns = {"before": before, "after": after}
+
+    def seconds(fn: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - started
+
+    fastest = min(min(seconds(fn) for _ in range(3)) for fn in fns.values())
+    calls = min(1000, max(1, math.ceil(min_round_s / max(fastest, 1e-6))))
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    for i in range(rounds):
+        for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
+            started = time.perf_counter()
+            for _ in range(calls):
+                fns[name]()
+            synchronize(device)
+            times[name].append((time.perf_counter() - started) / calls)
+    ratios = [a / b for a, b in zip(times["after"], times["before"], strict=True) if b > 0]
+    return PairedLatency(median_ms(times["before"]), median_ms(times["after"]),
+                         statistics.median(ratios) if ratios else 1.0, rounds, calls, torch.get_num_threads())

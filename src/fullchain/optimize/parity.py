@@ -1,11 +1,20 @@
-"""Parity of a rewritten model against the original: max absolute and relative error, per dtype tolerance."""
+"""Parity of a rewritten model against the original: max absolute and relative error, per dtype tolerance,
+and the edge-case inputs every rewrite is checked on.
+
+Sample inputs rarely contain the rows where rewrites go wrong: a sequence that is all padding (every key
+masked), a single token, the longest length the model takes. `edge_inputs` builds them from the task, the
+one source of model inputs; `compare` counts NaN and infinities as equal only where both sides have the same.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_leaves
+
+TOKENS = "input_ids"  # the token-id input of text tasks (`fullchain.tasks`)
 
 # (atol, rtol) for `torch.allclose`-style checks of a model's outputs in each inference dtype. fp32
 # rewrites must be exact up to reassociation; bf16/fp16 conversions are judged against fp32 outputs.
@@ -47,10 +56,30 @@ def compare(
         diff = (a - b).abs()
         if diff.numel():
             finite = torch.isfinite(a) & torch.isfinite(b)
-            same_nonfinite = bool(((a == b) | finite).all())
+            same_nonfinite = bool(((a == b) | finite | (a.isnan() & b.isnan())).all())
             err = float(diff[finite].max()) if finite.any() else 0.0
             scale = float(b[finite].abs().max()) if finite.any() else 0.0
             max_abs = max(max_abs, err)
             max_rel = max(max_rel, err / scale if scale > 0 else err)
             ok = ok and same_nonfinite and bool((diff[finite] <= atol + rtol * b[finite].abs()).all())
     return Parity(max_abs, max_rel, ok, atol, rtol)
+
+
+def edge_inputs(task: Any, seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    """Batches that probe the edges, through the task's own collate so masks and padding are built as in serving.
+
+    Token tasks: a full row beside a padding-only row (every key masked), a batch of single tokens, and the
+    longest length beside a one-token row. Other tasks: a batch of one.
+    """
+    length = getattr(task, "max_length", None)
+    if TOKENS not in getattr(task, "input_names", ()) or not length:
+        return [task.example_inputs(1, seed=seed)]
+    g = torch.Generator().manual_seed(seed)
+    low = 1 if getattr(task, "pad_id", 0) == 0 else 0
+    vocab = int(getattr(task, "vocab_size", 2))
+
+    def batch(*lengths: int) -> tuple[torch.Tensor, ...]:
+        rows = [{TOKENS: torch.randint(low, vocab, (n,), generator=g)} for n in lengths]
+        return task.model_inputs(task.collate(rows))
+
+    return [batch(min(length, 16), 0), batch(1, 1), batch(length, 1)]

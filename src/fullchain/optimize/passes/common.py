@@ -25,15 +25,6 @@ class Rewrite:
 Pass = Callable[[fx.GraphModule], list[Rewrite]]
 
 
-def is_call(node: fx.Node, functions: Iterable[Callable] = (), methods: Iterable[str] = ()) -> bool:
-    """True if ``node`` calls one of ``functions`` or one of the tensor ``methods``."""
-    if node.op == "call_function":
-        return node.target in tuple(functions)
-    if node.op == "call_method":
-        return node.target in tuple(methods)
-    return False
-
-
 def module_of(gm: fx.GraphModule, node: fx.Node, kinds: type | tuple[type, ...]) -> nn.Module | None:
     """The submodule a ``call_module`` node calls, if it is one of ``kinds``."""
     if node.op != "call_module":
@@ -75,5 +66,41 @@ def finish(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
-MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm)
-MATMUL_METHODS = ("matmul", "bmm")
+aten = torch.ops.aten
+
+# What a node computes, whatever level it was captured at: torch functions and tensor methods (fx tracing)
+# and ATen overloads (torch.export). `op_kind` names it; the passes match on these names.
+_KINDS: dict[str, tuple[tuple, tuple[str, ...]]] = {
+    "matmul": ((operator.matmul, torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default),
+               ("matmul", "bmm", "__matmul__")),
+    "baddbmm": ((torch.baddbmm, aten.baddbmm.default), ("baddbmm",)),
+    "einsum": ((torch.einsum, aten.einsum.default), ()),
+    "softmax": ((torch.softmax, torch.nn.functional.softmax, aten.softmax.int, aten._softmax.default), ("softmax",)),
+    "transpose": ((torch.transpose, aten.transpose.int), ("transpose",)),
+    "permute": ((torch.permute, aten.permute.default), ("permute",)),
+    "mul": ((operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar), ("mul", "__mul__")),
+    "div": ((operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar), ("div", "truediv", "__truediv__")),
+    "add": ((operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor), ("add", "add_", "__add__")),
+    "masked_fill": ((torch.masked_fill, aten.masked_fill.Scalar, aten.masked_fill_.Scalar), ("masked_fill",)),
+    "where": ((torch.where, aten.where.self, aten.where.ScalarOther), ()),
+    "dropout": ((torch.nn.functional.dropout, aten.dropout.default), ()),
+    "cast": ((aten.to.dtype, aten._to_copy.default, aten.type_as.default), ("to", "float", "type_as", "type")),
+    "relu": ((torch.relu, torch.nn.functional.relu, aten.relu.default), ("relu",)),
+    "sdpa": ((torch.nn.functional.scaled_dot_product_attention, aten.scaled_dot_product_attention.default), ()),
+}
+_BY_TARGET = {target: kind for kind, (functions, _) in _KINDS.items() for target in functions}
+_BY_METHOD = {name: kind for kind, (_, methods) in _KINDS.items() for name in methods}
+
+
+def op_kind(node: object) -> str | None:
+    """The canonical name of what ``node`` computes (see `_KINDS`), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function":
+        try:
+            return _BY_TARGET.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return _BY_METHOD.get(node.target)
+    return None

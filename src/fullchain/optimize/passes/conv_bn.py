@@ -13,7 +13,6 @@ BatchNorm has running statistics.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -21,10 +20,10 @@ from fullchain.optimize.passes.common import (
     Rewrite,
     erase_unused,
     finish,
-    is_call,
     module_call_count,
     module_of,
     only_user,
+    op_kind,
 )
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -78,7 +77,7 @@ def fold_conv_bn(gm: fx.GraphModule) -> list[Rewrite]:
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if module_of(gm, node, nn.ReLU) is not None:
         return True
-    return is_call(node, (torch.relu, F.relu), ("relu",)) and not node.kwargs.get("inplace", False)
+    return op_kind(node) == "relu" and not node.kwargs.get("inplace", False)
 
 
 def fuse_conv_bn_relu(gm: fx.GraphModule) -> list[Rewrite]:
