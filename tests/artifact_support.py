@@ -34,3 +34,16 @@ def trained_cnn_artifact(directory: Path, data: DataConfig, model_args: dict, st
                         label_names=bundle.label_names, data={"config": data.model_dump(mode="json"), "seed": 0},
                         task=bundle.task.describe())
     return save_artifact(directory, model.eval(), meta)
+
+
+def train(root: Path, name: str, model: dict, data: dict, steps: int) -> Path:
+    """`ds train`'s stage in this process, without checkpoints; returns the model artifact's directory."""
+    from fullchain.config import validate_config
+    from fullchain.stages.train import train_stage
+
+    cfg = validate_config({
+        "name": name, "runs_dir": str(root), "model": model, "data": data,
+        "train": {"max_steps": steps, "batch_size": 32, "progress": False, "tensorboard": False},
+        "checkpoint": {"enabled": False},
+    })
+    return train_stage(cfg).model_dir

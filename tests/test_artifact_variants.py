@@ -21,7 +21,7 @@ import yaml
 
 from artifact_support import trained_cnn_artifact
 from fullchain.artifact import load, load_artifact, read_meta
-from fullchain.config import DataConfig, OptimizeConfig, validate_config
+from fullchain.config import DataConfig, OptimizeConfig
 from fullchain.optimize.capture import capture
 from fullchain.runtime import OnnxRuntime
 from fullchain.stages.evaluate import evaluate_artifact
@@ -69,20 +69,6 @@ def int8_artifact(cnn_artifact, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("int8") / "model"
     quantize_artifact(cnn_artifact, out, OptimizeConfig(quantize="ptq", backend="onnxruntime", calib_samples=128))
     return out
-
-
-@pytest.fixture(scope="module")
-def text_artifact(tmp_path_factory) -> Path:
-    from fullchain.stages.train import train_stage
-
-    cfg = validate_config({
-        "name": "bbc", "runs_dir": str(tmp_path_factory.mktemp("text")), "model": {"name": "transformer", "args": {
-            "d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64}},
-        "data": {"name": "bbc_news", "max_samples": 300, "tokenizer": {"vocab_size": 800, "max_length": 64}},
-        "train": {"max_steps": 5, "batch_size": 16, "progress": False, "tensorboard": False},
-        "checkpoint": {"enabled": False},
-    })
-    return train_stage(cfg).model_dir
 
 
 def copy_of(artifact: Path, tmp_path: Path) -> Path:
@@ -134,7 +120,7 @@ def test_inductor_int8_program_export_is_refused_in_one_line(cnn_artifact, tmp_p
     pytest.param("text", id="transformer"),
 ])
 def test_bf16_artifact_export_is_refused_naming_the_operator_and_leaves_no_onnx(model, request, tmp_path):
-    source = request.getfixturevalue({"cnn": "cnn_artifact", "text": "text_artifact"}[model])
+    source = request.getfixturevalue({"cnn": "cnn_artifact", "text": "bbc_transformer"}[model])
     bf16 = tmp_path / "bf16"
     optimize_artifact(source, bf16, OptimizeConfig(precision="bf16"), evaluate=False, repeats=1)
     assert read_meta(bf16).extra["optimize"]["precision"] == "bf16"

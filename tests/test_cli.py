@@ -81,7 +81,7 @@ def test_run_then_evaluate_reproduces_the_recorded_accuracy(tmp_path):
         tmp_path,
         model={"name": "transformer", "args": {"d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64}},
         data={"name": "bbc_news", "max_samples": 300, "tokenizer": {"vocab_size": 1000, "max_length": 64}},
-        train={"epochs": 2, "batch_size": 16, "progress": True},
+        train={"max_steps": 6, "batch_size": 16, "progress": True},  # a model, not a good one: the figures match
     )
     result = ds("run", path)
     assert result.returncode == 0, result.stderr
@@ -102,18 +102,11 @@ def test_run_then_evaluate_reproduces_the_recorded_accuracy(tmp_path):
     assert sum(map(sum, evaluated["confusion_matrix"])) == evaluated["n"]
 
 
-def test_evaluate_on_a_user_csv_and_bad_model_dir(tmp_path):
-    path = write_run(
-        tmp_path,
-        model={"name": "transformer", "args": {"d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64}},
-        data={"name": "bbc_news", "max_samples": 200, "tokenizer": {"vocab_size": 800, "max_length": 32}},
-        train={"max_steps": 3, "batch_size": 16, "progress": False},
-    )
-    assert ds("train", path).returncode == 0
+def test_evaluate_on_a_user_csv_and_bad_model_dir(bbc_transformer, tmp_path):
     csv = tmp_path / "few.csv"
     csv.write_text('text,label\n"Shares in the bank rose after profits beat forecasts",business\n'
                    '"The striker scored twice in the cup final",sports\n')
-    result = ds("evaluate", tmp_path / "runs" / "t" / "model", "--data", csv, "--json", tmp_path / "e.json")
+    result = ds("evaluate", bbc_transformer, "--data", csv, "--json", tmp_path / "e.json")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
 

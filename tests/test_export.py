@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from fullchain.config import validate_config
 from fullchain.deploy import tensorrt
 from fullchain.models import build_model
 from fullchain.runtime import OnnxRuntime
@@ -66,29 +65,14 @@ def test_parity_check_catches_a_model_that_differs(tmp_path):
     assert not report.parity_ok and report.max_abs_error == pytest.approx(0.01, rel=1e-3)
 
 
-@pytest.fixture(scope="module")
-def text_artifact(tmp_path_factory) -> Path:
-    from fullchain.stages.train import train_stage
-
-    root = tmp_path_factory.mktemp("export")
-    cfg = validate_config({
-        "name": "bbc", "runs_dir": str(root), "model": {"name": "transformer", "args": {
-            "d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64}},
-        "data": {"name": "bbc_news", "max_samples": 300, "tokenizer": {"vocab_size": 800, "max_length": 96}},
-        "train": {"max_steps": 5, "batch_size": 16, "progress": False, "tensorboard": False},
-        "checkpoint": {"enabled": False},
-    })
-    return train_stage(cfg).model_dir
-
-
 def ds(*args):
     return subprocess.run([sys.executable, "-m", "fullchain.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
 
 
-def test_ds_export_writes_onnx_with_its_preprocessing_beside(text_artifact, tmp_path):
+def test_ds_export_writes_onnx_with_its_preprocessing_beside(bbc_transformer, tmp_path):
     out = tmp_path / "deploy" / "model.onnx"
-    result = ds("export", text_artifact, "--out", out)
+    result = ds("export", bbc_transformer, "--out", out)
     assert result.returncode == 0, result.stderr
     assert "dynamo exporter, parity max |error|" in " ".join(result.stdout.split())
     assert {p.name for p in out.parent.iterdir()} >= {"model.onnx", "model.json", "tokenizer.json"}
@@ -96,10 +80,10 @@ def test_ds_export_writes_onnx_with_its_preprocessing_beside(text_artifact, tmp_
 
 
 @pytest.mark.skipif(shutil.which("trtexec") is not None, reason="trtexec is installed here")
-def test_tensorrt_export_without_tensorrt_exits_2_naming_the_install(text_artifact):
+def test_tensorrt_export_without_tensorrt_exits_2_naming_the_install(bbc_transformer):
     if _has_tensorrt_module():
         pytest.skip("the tensorrt Python package is installed here")
-    result = ds("export", text_artifact, "--format", "tensorrt")
+    result = ds("export", bbc_transformer, "--format", "tensorrt")
     assert result.returncode == 2
     message = " ".join(result.stderr.split())
     assert "pip install tensorrt" in message and "trtexec" in message and "Traceback" not in result.stderr

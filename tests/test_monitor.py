@@ -228,12 +228,11 @@ def test_ds_train_with_monitor_port_serves_metrics_and_the_dashboard(tmp_path):
 
 
 @pytest.mark.slow
-def test_queue_bound_ds_serve_top_finding_is_the_queue_with_a_batching_suggestion(tmp_path):
+def test_queue_bound_ds_serve_top_finding_is_the_queue_with_a_batching_suggestion(digits_mlp, tmp_path):
     """Acceptance: a live `ds serve` with max_batch_size 1 under 32 concurrent clients; ds-monitor for 5 s."""
     process = pytest.importorskip("fullchain.deploy.process", reason="ds serve (fullchain.deploy) is not installed")
     payloads = pytest.importorskip("fullchain.deploy.payloads")
-    assert run([*DS, "train", write_run(tmp_path)]).returncode == 0
-    model_dir = tmp_path / "runs" / "t" / "model"
+    model_dir = digits_mlp
     bodies = tmp_path / "payloads.json"
     bodies.write_text(json.dumps(payloads.sample_requests(model_dir, 64)))
     report = tmp_path / "r.html"
@@ -274,4 +273,8 @@ def test_bench_monitor_overhead_quick_measures_all_three_while_scraped(tmp_path)
     record = json.loads(out.read_text())
     assert set(record["results"]) == {"none", "fullchain", "prometheus_client"}
     assert record["checks"]["scraped_throughout"] is True
-    assert record["ratios"]["fullchain_vs_none_speed"] > 0
+    # a sanity bound (the overhead itself is `ds bench monitor-overhead`'s figure): being watched costs training
+    # a few per cent, never half its speed
+    speed = record["ratios"]["fullchain_vs_none_speed"]
+    print(f"\ntraining speed while monitored by fullchain: {speed:.3f}x unmonitored")
+    assert speed >= 0.5, record["ratios"]

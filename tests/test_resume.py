@@ -26,7 +26,9 @@ from fullchain.models import build_model, model_args_from_data
 from fullchain.train.callbacks import Callback
 from fullchain.train.checkpoint import Checkpointer
 from fullchain.train.trainer import CheckpointMismatch, Trainer
+from resume_support import signal_env
 
+DS_TRAIN = [sys.executable, "-m", "fullchain.cli", "train"]
 CONFIG = {"max_steps": 40, "batch_size": 16, "grad_accum": 3, "clip_norm": 1.0, "progress": False,
           "tensorboard": False, "schedule": {"warmup_steps": 5}}
 
@@ -87,15 +89,25 @@ def test_resume_refuses_a_different_batch_layout(digits, tmp_path):
         second.fit()
 
 
-def run_file(tmp_path: Path, checkpoint: dict | None = None, hidden: list[int] = (256, 256), **train) -> Path:
+def run_file(tmp_path: Path, checkpoint: dict | None = None, hidden: list[int] = (256, 256), signalled: bool = False,
+             **train) -> Path:
+    """A digits MLP run file; `signalled`: the same MLP as `resume_support.SignalledMLP` (see `signal_env`)."""
+    model = {"target": "resume_support:SignalledMLP"} if signalled else {"name": "mlp"}
     raw = {"name": "r", "runs_dir": str(tmp_path / "runs"), "seed": 0,
-           "model": {"name": "mlp", "args": {"hidden": list(hidden), "dropout": 0.0}},
+           "model": {**model, "args": {"hidden": list(hidden), "dropout": 0.0}},
            "data": {"name": "digits", "val_fraction": 0.0},
            "train": {"batch_size": 16, "progress": False, "tensorboard": False, "log_every": 5, **train},
            "checkpoint": checkpoint or {"every_steps": 200, "keep_last": 3}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def ds_train(run: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`ds train RUN ARGS` to its end, with tests/ importable (for resume_support) and `env` added."""
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([*DS_TRAIN, run, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path, **(env or {})})
 
 
 def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -114,31 +126,28 @@ def final_weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
-def test_sigterm_to_ds_train_saves_exits_143_and_resumes(tmp_path):
-    ds = [sys.executable, "-m", "fullchain.cli", "train"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    subprocess.run([*ds, run_file(a, max_steps=1200)], check=True, capture_output=True, timeout=300)
+def reference_and_run_file(tmp_path: Path, *launch: str, hidden: list[int], **checkpoint) -> tuple[Path, Path, Path]:
+    """Runs a/ to its end (100 steps, a checkpoint every 20) and writes b/'s identical run file; returns
+    a's and b's run directories and b's run file."""
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        runs.append(run_file(tmp_path / name, {"every_steps": 20, "keep_last": 3, **checkpoint}, hidden,
+                             signalled=True, max_steps=100))
+    ref = ds_train(runs[0], *launch)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return tmp_path / "a" / "runs" / "r", tmp_path / "b" / "runs" / "r", runs[1]
 
-    proc = subprocess.Popen([*ds, run_file(b, max_steps=1200)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    wait_for_step(b / "runs" / "r" / "metrics.jsonl", 60, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM" in err and "--resume auto" in err and "Traceback" not in err
 
-    resumed = subprocess.run([*ds, run_file(b, max_steps=1200), "--resume", "auto"], capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    ref, got = final_weights(a / "runs" / "r"), final_weights(b / "runs" / "r")
-    assert all(torch.equal(ref[k], got[k]) for k in ref), divergence(a, b, err + resumed.stderr)
+def assert_same_weights(a: Path, b: Path, stderr: str) -> None:
+    ref, got = final_weights(a), final_weights(b)
+    assert all(torch.equal(ref[k], got[k]) for k in ref), divergence(a, b, stderr)
 
 
 def divergence(a: Path, b: Path, stderr: str) -> str:
     """Where an interrupted run's logged losses part from the uninterrupted one's (to diagnose a failure)."""
     def losses(run: Path) -> dict[int, float]:
-        rows = [json.loads(x) for x in (run / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
 
     first, second = losses(a), losses(b)
@@ -147,46 +156,39 @@ def divergence(a: Path, b: Path, stderr: str) -> str:
             + " | ".join(line for line in stderr.splitlines() if "step" in line or "resum" in line)[-1500:])
 
 
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+def test_sigterm_to_ds_train_saves_exits_143_and_resumes(tmp_path):
+    """SIGTERM during step 50's forward pass (mid-epoch, 10 steps after a checkpoint): the step finishes and is
+    saved, exit 143; `--resume auto` goes on from step 50 across an epoch end (90 steps) and ends bit-exact."""
+    a, b, run = reference_and_run_file(tmp_path, hidden=[64])
+    stopped = ds_train(run, env=signal_env(50))
+    err = stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM at step 50" in err and "--resume auto" in err and "Traceback" not in err
 
-
-def worker_pids(ds_pid: int) -> list[int]:
-    """`ds train` -> torchrun -> the workers."""
-    return [w for launcher in children(ds_pid) for w in children(launcher)]
+    resumed = ds_train(run, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [e["step"] for e in resume_events(b)] == [50]
+    assert_same_weights(a, b, err + resumed.stderr)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("compression", ["none", "int8"])
 def test_torchrun_worker_sigkill_restarts_and_matches_uninterrupted(tmp_path, compression):
-    """int8: the hook's error-feedback residuals must come back from the checkpoint, and apply on the first
-    step after the restart (DDP's pre-rebuild bucket layout), for the result to be bit-exact."""
-    ds = [sys.executable, "-m", "fullchain.cli", "train"]
+    """Rank 1 SIGKILLed during step 30, 10 steps after a checkpoint: torchrun restarts the group, which resumes
+    from step 20 and ends bit-exact. int8 (compressing from step 10): the hook's error-feedback residuals must
+    come back from the checkpoint, and apply on the first step after the restart (DDP's pre-rebuild bucket
+    layout), for the result to be bit-exact. Saves are synchronous here, so step 20's is committed before the
+    kill however slow the machine (an async one still in flight would make the group start over from 0)."""
     launch = ["--nproc-per-node", "2", "--max-restarts", "3", "--set", f"distributed.compression={compression}"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    ref = subprocess.run([*ds, run_file(a, max_steps=1200), *launch], capture_output=True, text=True, timeout=400)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-
-    run_b = run_file(b, max_steps=1200)
-    proc = subprocess.Popen([*ds, run_b, *launch], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(b / "runs" / "r" / "metrics.jsonl", 260, proc)  # past the first checkpoint (step 200)
-    pids = worker_pids(proc.pid)
-    assert len(pids) == 2
-    os.kill(pids[-1], signal.SIGKILL)
-    _, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-    events = [json.loads(x) for x in (b / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
-    resumes = [e for e in events if e.get("event") == "resume"]
-    assert resumes and resumes[0]["restart_count"] >= 1 and resumes[0]["step"] >= 200
-    ref_w, got_w = final_weights(a / "runs" / "r"), final_weights(b / "runs" / "r")
-    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+    a, b, run = reference_and_run_file(tmp_path, *launch, hidden=[256, 256], async_save=False)
+    done = ds_train(run, *launch, env=signal_env(30, "SIGKILL", rank=1))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (resume,) = resume_events(b)
+    assert resume["restart_count"] == 1 and resume["step"] == 20, resume
+    assert_same_weights(a, b, done.stderr)
 
 
 # ---- checkpoints that cannot be trusted ----------------------------------------------------------
-
-DS_TRAIN = [sys.executable, "-m", "fullchain.cli", "train"]
 
 
 def small_run(root: Path, **train) -> Path:

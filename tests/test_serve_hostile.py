@@ -28,9 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from artifact_support import train
 from fullchain import metric_names as names
 from fullchain.deploy.process import ServerProcess, free_port
-from test_serve import IMAGE, TOKEN, train
+from test_serve import IMAGE, TOKEN
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 1.0, 2.0
@@ -38,17 +39,11 @@ WAIT_S = 10.0  # a socket read that outlasts both deadlines: an old server holds
 
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("hostile"), "digits", {"name": "mlp", "args": {"hidden": [64]}},
-                 {"name": "digits"}, 20)
-
-
-@pytest.fixture(scope="module")
-def guarded(digits_model, tmp_path_factory):
+def guarded(digits_mlp, tmp_path_factory):
     """The digits model behind a token, with read deadlines short enough to wait for."""
     root = tmp_path_factory.mktemp("guarded")
     (root / "token").write_text(TOKEN + "\n")
-    args = ["serve", str(digits_model), "--token-file", str(root / "token"),
+    args = ["serve", str(digits_mlp), "--token-file", str(root / "token"),
             "--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S)]
     with ServerProcess(args, log=root / "serve.log") as running:
         yield running
@@ -81,14 +76,14 @@ def png(image: Image.Image) -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
-def test_serving_beyond_loopback_needs_a_token_or_insecure(digits_model, tmp_path):
-    refused = subprocess.run([sys.executable, "-m", "fullchain.cli", "serve", str(digits_model), "--host", "0.0.0.0",
+def test_serving_beyond_loopback_needs_a_token_or_insecure(digits_mlp, tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "fullchain.cli", "serve", str(digits_mlp), "--host", "0.0.0.0",
                               "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
     assert "--token-file" in refused.stderr and "--insecure" in refused.stderr
     log = tmp_path / "serve.log"
-    with ServerProcess(["serve", str(digits_model), "--host", "0.0.0.0", "--insecure"], log=log) as srv:
+    with ServerProcess(["serve", str(digits_mlp), "--host", "0.0.0.0", "--insecure"], log=log) as srv:
         assert httpx.post(srv.url + "/v1/predict", json={"images": [IMAGE]}).status_code == 200
     assert "--insecure" in log.read_text()
 
@@ -198,12 +193,12 @@ def app_in_thread(app, cfg):
         thread.join(30)
 
 
-def test_a_500_closes_its_connection_cleanly_and_the_client_carries_on(digits_model):
+def test_a_500_closes_its_connection_cleanly_and_the_client_carries_on(digits_mlp):
     from fullchain.artifact import load as load_runtime
     from fullchain.config import ServeConfig
     from fullchain.deploy.server import create_app
 
-    loaded = load_runtime(digits_model)
+    loaded = load_runtime(digits_mlp)
     loaded.runtime = FailsOnHugeInput(loaded.runtime)
     cfg = ServeConfig(port=free_port())
     with app_in_thread(create_app(loaded, cfg), cfg) as url, httpx.Client(base_url=url, timeout=WAIT_S) as client:
@@ -231,13 +226,10 @@ def test_a_decompression_bomb_and_a_100_megapixel_png_get_422_without_being_deco
 
 
 @pytest.fixture(scope="module")
-def text_server(tmp_path_factory):
+def text_server(bbc_transformer, tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
-    model_dir = train(root, "bbc", {"name": "transformer", "args": {"d_model": 32, "n_heads": 2, "n_layers": 1,
-                                                                     "d_ff": 64}},
-                      {"name": "bbc_news", "max_samples": 300, "tokenizer": {"vocab_size": 800, "max_length": 96}},
-                      3)  # served, not judged: a few steps make a model
-    with ServerProcess(["serve", str(model_dir), "--max-body-bytes", str(12 * 2**20)], log=root / "serve.log") as srv:
+    args = ["serve", str(bbc_transformer), "--max-body-bytes", str(12 * 2**20)]
+    with ServerProcess(args, log=root / "serve.log") as srv:
         yield srv
 
 
@@ -258,7 +250,7 @@ def test_a_large_input_is_decoded_while_other_clients_are_answered(text_server):
     worker.join()
     assert answered[0].status_code == 200 and len(answered[0].json()["predictions"]) == 90
     # tokenising on the event loop left the probes unanswered for its whole duration (measured 2.8-3.3 s)
-    assert max(np.diff(probed_at)) < 1.0
+    assert max(np.diff(probed_at)) < 1.0, f"longest wait for /healthz: {max(np.diff(probed_at)):.2f} s"
 
 
 def test_slow_senders_get_408_and_lose_the_connection_at_the_read_deadlines(guarded):
@@ -278,8 +270,8 @@ def test_slow_senders_get_408_and_lose_the_connection_at_the_read_deadlines(guar
     assert f'{names.SERVE_REQUESTS_TOTAL}{{status="408"}} 1.0' in metrics  # the one that reached /v1/predict
 
 
-def test_no_response_shows_a_server_path(guarded, digits_model):
-    secret = str(digits_model.parent)
+def test_no_response_shows_a_server_path(guarded, digits_mlp):
+    secret = str(digits_mlp.parent)
     schema = httpx.get(guarded.url + "/openapi.json", headers=AUTH).text
     bodies = [schema]
     with httpx.Client(base_url=guarded.url, headers=AUTH, timeout=WAIT_S) as client:

@@ -1,21 +1,39 @@
-"""The Trainer on real data (scikit-learn digits): accumulation maths, precision, determinism, logging."""
+"""The Trainer on real data (scikit-learn digits): accumulation maths (also under real 2-rank DDP), precision,
+determinism, logging."""
 
 import json
+import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
-from fullchain.config import DataConfig
+from fullchain.config import DataConfig, DistributedConfig
 from fullchain.data import build_data
+from fullchain.distributed.ddp import DDPStrategy
 from fullchain.models import build_model, model_args_from_data
 from fullchain.train.callbacks import Callback
 from fullchain.train.trainer import Trainer
 
 
+def digits_bundle():
+    return build_data(DataConfig(name="digits", val_fraction=0.1, test_fraction=0.2), seed=0)
+
+
 @pytest.fixture(scope="module")
 def digits():
-    return build_data(DataConfig(name="digits", val_fraction=0.1, test_fraction=0.2), seed=0)
+    return digits_bundle()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def mlp(bundle, seed=0, dropout=0.0):
@@ -46,34 +64,54 @@ def test_grad_accumulation_equals_one_large_batch(digits):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_accumulation_skips_gradient_sync_on_all_but_the_last_micro_batch(digits):
-    calls = []
+def counting_allreduce(calls: list[int], bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's all-reduce (mean), counted. Synchronous, so no Python callback rides on a gloo future."""
+    calls.append(bucket.index())
+    grads = bucket.buffer()
+    dist.all_reduce(grads)
+    done = torch.futures.Future()
+    done.set_result(grads.div_(dist.get_world_size()))
+    return done
 
-    class FakeDDP(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.module = inner
 
-        def forward(self, x):
-            return self.module(x)
-
-        def no_sync(self):
-            calls.append("no_sync")
-            import contextlib
-
-            return contextlib.nullcontext()
-
-    model = FakeDDP(mlp(digits))
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), digits.train,
-                config=quiet(max_steps=3, grad_accum=4, batch_size=8))
+def ddp_rank(rank: int, port: int, out: str, steps: int, grad_accum: int) -> None:
+    """One of two real DDP ranks (gloo): micro-batches of 16, `grad_accum` of them a step."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    strategy = DDPStrategy(DistributedConfig())
+    data = digits_bundle()
+    model = mlp(data)
+    calls: list[int] = []
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data.train, strategy=strategy,
+                config=quiet(max_steps=steps, batch_size=16, grad_accum=grad_accum, schedule={"kind": "constant"}))
+    t.model.register_comm_hook(calls, counting_allreduce)
     t.fit()
-    assert calls == ["no_sync"] * 9  # 3 of every 4 micro-batches defer the sync
+    if rank == 0:
+        save_file(model.state_dict(), f"{out}/weights.safetensors")
+        Path(out, "allreduces.json").write_text(json.dumps(len(calls)))
+    strategy.close()
+
+
+def test_ddp_with_accumulation_equals_one_process_on_the_global_batch(digits, tmp_path):
+    """2 DDP ranks x 3 micro-batches of 16 a step = one process with 3 micro-batches of 32; the gradients are
+    all-reduced once a step (the first two micro-batches of each step run under no_sync)."""
+    steps, grad_accum = 4, 3
+    mp.start_processes(ddp_rank, args=(free_port(), str(tmp_path), steps, grad_accum), nprocs=2,
+                       start_method="spawn")
+    single = mlp(digits)
+    Trainer(single, torch.optim.SGD(single.parameters(), lr=0.1), digits.train,
+            config=quiet(max_steps=steps, batch_size=32, grad_accum=grad_accum, schedule={"kind": "constant"})).fit()
+    ddp = load_file(tmp_path / "weights.safetensors")
+    for name, p in single.state_dict().items():
+        assert not torch.equal(p, mlp(digits).state_dict()[name]), f"{name} did not train"
+        torch.testing.assert_close(ddp[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    assert json.loads((tmp_path / "allreduces.json").read_text()) == steps  # one bucket, once a step
 
 
 def test_bf16_training_lowers_the_loss(digits):
     model = mlp(digits)
     t = Trainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), digits.train, digits.val,
-                config=quiet(epochs=4, batch_size=32, precision="bf16"))
+                config=quiet(max_steps=60, batch_size=32, precision="bf16"))
     before = t.evaluate()["eval_loss"]
     result = t.fit()
     after = t.evaluate()["eval_loss"]

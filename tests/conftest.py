@@ -1,0 +1,46 @@
+"""Small trained artifacts that several test modules read, trained once per session; the suite's time budget.
+
+A test that writes into an artifact's directory works on a copy (`shutil.copytree` into its tmp_path).
+"""
+
+import time
+from pathlib import Path
+
+import pytest
+
+TINY_TRANSFORMER = {"name": "transformer", "args": {"d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64}}
+BBC_SLICE = {"name": "bbc_news", "max_samples": 300, "tokenizer": {"vocab_size": 800, "max_length": 96}}
+_STARTED = pytest.StashKey[float]()
+
+
+@pytest.fixture(scope="session")
+def digits_mlp(tmp_path_factory) -> Path:
+    """A digits MLP (one hidden layer of 64), 80 steps: accurate enough to be judged."""
+    from artifact_support import train  # here, so that collecting the light tests does not import torch
+
+    return train(tmp_path_factory.mktemp("digits_mlp"), "digits", {"name": "mlp", "args": {"hidden": [64]}},
+                 {"name": "digits"}, 80)
+
+
+@pytest.fixture(scope="session")
+def bbc_transformer(tmp_path_factory) -> Path:
+    """A one-layer Transformer with its tokenizer, on 300 BBC News articles, 5 steps: served and exported, not
+    judged."""
+    from artifact_support import train
+
+    return train(tmp_path_factory.mktemp("bbc_transformer"), "bbc", TINY_TRANSFORMER, BBC_SLICE, 5)
+
+
+# ---- the time budget ------------------------------------------------------------------------------------------
+
+SUITE_BUDGET_S = 600  # `make test` here (2 shared cores), set-up excluded: over it, shorten the slowest tests
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_STARTED] = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    took = time.monotonic() - config.stash[_STARTED]
+    over = " (over it: shorten the slowest tests listed above)" if took > SUITE_BUDGET_S else ""
+    terminalreporter.write_line(f"tests took {took:.0f} s; the whole suite's budget is {SUITE_BUDGET_S} s{over}")
