@@ -18,12 +18,14 @@ from fullchain.errors import UserError
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "trainer-overhead": ("trainer_overhead", "our Trainer against a raw PyTorch loop and Lightning Fabric"),
     "amp": ("amp", "mixed precision (bf16, fp16) against fp32 training"),
-    "checkpoint": ("checkpoint", "asynchronous checkpoints against blocking and DCP saves"),
-    "comm": ("comm", "compressed and hierarchical gradient all-reduce against fp32 DDP"),
+    "checkpoint": ("checkpoint", "asynchronous checkpoints against blocking saves and DCP async_save (with stagers)"),
+    "comm": ("comm", "compressed and hierarchical gradient all-reduce against fp32 DDP, bytes counted on the wire"),
     "fusion": ("fusion", "graph passes against eager and torch.compile"),
     "realtime": ("realtime", "int8 ONNX Runtime against fp32 ONNX Runtime and eager PyTorch"),
+    "gpu-inference": ("gpu_inference", "fp16 and int8 inference: eager PyTorch, ONNX Runtime and TensorRT"),
     "serve": ("serve", "ds serve against a plain FastAPI endpoint and LitServe"),
-    "monitor-overhead": ("monitor", "the cost of ds-monitor and the metrics endpoint on serving"),
+    "monitor-overhead": ("monitor", "the cost of a scraped metrics endpoint on training, against prometheus_client"),
+    "parallel": ("parallel", "DDP vs FSDP2 vs hybrid, the placement planner, static vs balanced data parallelism"),
 }
 
 

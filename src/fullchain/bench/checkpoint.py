@@ -1,16 +1,23 @@
 """Checkpoints (C7): how long training is blocked per save, and how long recovery takes after a SIGKILL.
 
 Contenders save the same model + AdamW state (about 100M parameters, 1.2 GB with Adam's moments; quick:
-about 8M):
+about 4M):
 - `torch_save`: ``torch.save({"model": ..., "optimizer": ...}, path)`` - what most loops do; blocks for the
   whole write and is not atomic (it does not fsync, a kill mid-write leaves a torn file);
 - `fullchain_sync`: the Checkpointer with ``async: false`` (staged, checksummed, fsynced, renamed);
 - `fullchain_async`: the Checkpointer's default: `save()` returns once the state is copied to CPU memory;
-- `dcp_async_save`: ``torch.distributed.checkpoint.async_save`` (PyTorch's own asynchronous path).
-Blocking time is what the training loop waits for; persist time runs until the files are durable; extra
-peak memory is the rise of this process's peak RSS (VmHWM, reset through /proc/self/clear_refs) during the
-save. Recovery after a SIGKILL under torchrun (2 gloo ranks, full run only) is split into restart +
-rendezvous + start-up, checkpoint load, and the work lost since the last checkpoint.
+- `dcp_async_save`: ``torch.distributed.checkpoint.async_save`` with its defaults;
+- `dcp_async_stager`: the same with a ``DefaultStager``: staging buffers cached between saves (as ours are),
+  staging in a background thread, pinned memory and non-blocking copies where CUDA is present. The loop still
+  waits for staging to finish before it may change the weights, and that wait is counted;
+- `dcp_async_cached` (only where CUDA is present: it always pins its buffers): ``FileSystemWriter(
+  cache_staged_state_dict=True)``, DCP's older cached staging.
+Each round saves twice, `save_interval_s` of training-like compute apart: `blocking_s` is the first save's
+wait (nothing in flight), `blocking_backpressure_s` the second's, including the wait for the first save to
+finish (what a loop that checkpoints that often waits), `persist_s` the second save's time to durable files
+once nothing else is in flight. Extra peak memory is the rise of this process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs) during the round. Recovery after a SIGKILL under torchrun (2 gloo ranks, full run only)
+is split into restart + rendezvous + start-up, checkpoint load, and the work lost since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -29,12 +36,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from fullchain.bench.harness import BenchRecord, alternate, paired_ratio, summarise
+from fullchain.bench.harness import BenchRecord, alternate, summarise
 from fullchain.train.checkpoint import Checkpointer, TrainingState
 
 
 def _state(quick: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    width, depth = (1024, 8) if quick else (4096, 6)
+    width, depth = (1024, 4) if quick else (4096, 6)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -66,56 +73,98 @@ def _reset_peak() -> None:
         pass
 
 
-def _measure(save, finish) -> dict[str, float]:
-    """Blocking seconds of `save()`, seconds until `finish()` has made it durable, extra peak MiB."""
+def _train_for(seconds: float) -> None:
+    """Training-like compute on this thread (it competes with a background writer as a real step would)."""
+    x = torch.randn(256, 256)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        x = torch.tanh(x @ x)
+
+
+class _Contender:
+    """`save()` returns when training may go on (waiting for the previous save if it must); `wait()`: durable."""
+
+    def __init__(self, save, wait=lambda: None, close=lambda: None):
+        self.save, self.wait, self.close = save, wait, close
+
+
+def _round(contender: _Contender, interval_s: float) -> dict[str, float]:
+    """Two saves `interval_s` of training apart; the second one's wait includes the first one's back-pressure."""
     _reset_peak()
     before = _rss_kib()
     start = time.perf_counter()
-    save()
+    contender.save()
     blocked = time.perf_counter() - start
-    finish()
-    persisted = time.perf_counter() - start
-    return {"blocking_s": blocked, "persist_s": persisted, "extra_peak_mib": (_peak_kib() - before) / 1024}
+    _train_for(interval_s)
+    second = time.perf_counter()
+    contender.wait()
+    free = time.perf_counter()
+    contender.save()
+    blocked_backpressure = time.perf_counter() - second
+    contender.wait()
+    return {"blocking_s": blocked, "blocking_backpressure_s": blocked_backpressure,
+            "persist_s": time.perf_counter() - free, "extra_peak_mib": (_peak_kib() - before) / 1024}
 
 
-def _contenders(model, opt, root: Path) -> dict:
-    counter = {"step": 0}
+def _contenders(model, opt, root: Path) -> dict[str, _Contender]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    def next_step() -> int:
-        counter["step"] += 1
-        return counter["step"]
+    steps = iter(range(1, 10**9))
 
-    def torch_save():
-        path = root / "torch_save.pt"
-        return _measure(lambda: torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path),
-                        lambda: None)
+    def state() -> dict:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
 
-    def fullchain(async_save: bool):
+    def torch_save() -> _Contender:
+        return _Contender(lambda: torch.save(state(), root / "torch_save.pt"))
+
+    def fullchain(async_save: bool) -> _Contender:
         ckpt = Checkpointer(root / f"fullchain-{'async' if async_save else 'sync'}", keep_last=1,
                             async_save=async_save)
 
-        def run():
-            state = TrainingState(model=model.state_dict(), optimizer=opt.state_dict(), trainer={"step": 0})
-            return _measure(lambda: ckpt.save(next_step(), state), ckpt.wait)
+        def save():
+            ckpt.save(next(steps), TrainingState(model=model.state_dict(), optimizer=opt.state_dict(),
+                                                 trainer={"step": 0}))
 
-        return run
+        return _Contender(save, ckpt.wait, ckpt.close)
 
-    def dcp_async():
-        import torch.distributed.checkpoint as dcp
+    def dcp_async(name: str, cached: bool = False, stager: bool = False) -> _Contender:
+        target = root / name
+        writer = dcp.FileSystemWriter(target, cache_staged_state_dict=cached)
+        cuda = torch.cuda.is_available()
+        async_stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                    use_async_staging=True, use_non_blocking_copy=cuda)) \
+            if stager else None
+        pending: dict = {}
 
-        target = root / "dcp"
-        shutil.rmtree(target, ignore_errors=True)
-        holder = {}
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
-        return _measure(lambda: holder.setdefault("f", dcp.async_save(state, checkpoint_id=str(target))),
-                        lambda: holder["f"].result())
+        def wait():
+            if "upload" in pending:
+                pending.pop("upload").result()
+                for old in sorted(target.glob("step-*"))[:-1]:  # keep the last one, as keep_last=1 does
+                    shutil.rmtree(old)
 
-    return {
-        "torch_save": torch_save,
+        def save():
+            wait()  # DCP leaves it to the caller not to start a save while the previous one runs
+            response = dcp.async_save(state(), checkpoint_id=target / f"step-{next(steps):09d}",
+                                      storage_writer=writer, async_stager=async_stager)
+            if stager:  # the weights may change only once they are staged
+                response.staging_completion.result()
+                pending["upload"] = response.upload_completion
+            else:
+                pending["upload"] = response
+
+        return _Contender(save, wait, async_stager.close if async_stager else lambda: None)
+
+    contenders = {
+        "torch_save": torch_save(),
         "fullchain_sync": fullchain(False),
         "fullchain_async": fullchain(True),
-        "dcp_async_save": dcp_async,
+        "dcp_async_save": dcp_async("dcp"),
+        "dcp_async_stager": dcp_async("dcp-stager", stager=True),
     }
+    if torch.cuda.is_available():
+        contenders["dcp_async_cached"] = dcp_async("dcp-cached", cached=True)
+    return contenders
 
 
 def _state_bytes(model, opt) -> int:
@@ -203,10 +252,16 @@ def torchrun_recovery(root: Path) -> dict[str, float]:
 
 def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     model, opt = _state(quick)
-    repeats = 5
+    repeats, interval_s = (3, 0.2) if quick else (5, 1.0)
     with tempfile.TemporaryDirectory(prefix="fullchain-ckpt-bench-") as tmp:
         root = Path(tmp)
-        rounds = alternate(_contenders(model, opt, root), repeats=repeats, warmup=1)
+        contenders = _contenders(model, opt, root)
+        try:
+            rounds = alternate({name: (lambda c=c: _round(c, interval_s)) for name, c in contenders.items()},
+                               repeats=repeats, warmup=1)
+        finally:
+            for contender in contenders.values():
+                contender.close()
         bit_exact = resume_is_bit_exact(root / "resume")
         recovery = None if quick else torchrun_recovery(root / "recovery")
     record = BenchRecord(
@@ -217,15 +272,27 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
             "state_bytes": _state_bytes(model, opt),
             "optimizer": "AdamW (params + exp_avg + exp_avg_sq)",
             "repeats": repeats,
+            "save_interval_s": interval_s,
             "disk": "local disk of the benchmark machine (tempfile)",
-            "memory": "extra_peak_mib: rise of peak RSS during a save after warm-up; fullchain_async keeps its "
-                      "CPU staging buffers (state_bytes) between saves, as DCP's cached stager does",
+            "memory": "extra_peak_mib: rise of peak RSS during a round (two saves) after warm-up; fullchain_async "
+                      "and DCP's stagers keep their CPU staging buffers (state_bytes) between saves",
+            "dcp_stager": "DefaultStager(StagingOptions(use_pinned_memory and use_non_blocking_copy where CUDA is "
+                          "present, use_shared_memory=False, use_async_staging=True)), staging wait counted; "
+                          "dcp_async_cached (FileSystemWriter cache_staged_state_dict) only with CUDA: it pins",
         },
         results=summarise(rounds),
     )
-    record.ratios["async_block_vs_sync"] = paired_ratio(rounds, "fullchain_async", "torch_save", "blocking_s")
-    record.ratios["async_block_vs_dcp_async"] = paired_ratio(rounds, "fullchain_async", "dcp_async_save", "blocking_s")
-    record.ratios["fullchain_sync_vs_torch_save"] = paired_ratio(rounds, "fullchain_sync", "torch_save", "blocking_s")
+    record.add_ratio("async_block_vs_sync", rounds, "fullchain_async", "torch_save", "blocking_s")
+    record.add_ratio("async_block_backpressure_vs_sync", rounds, "fullchain_async", "torch_save",
+                     "blocking_backpressure_s")
+    for dcp_name, key in (("dcp_async_save", "dcp_async"), ("dcp_async_stager", "dcp_stager"),
+                          ("dcp_async_cached", "dcp_cached")):
+        if dcp_name not in rounds:
+            continue
+        record.add_ratio(f"async_block_vs_{key}", rounds, "fullchain_async", dcp_name, "blocking_s")
+        record.add_ratio(f"async_block_backpressure_vs_{key}", rounds, "fullchain_async", dcp_name,
+                         "blocking_backpressure_s")
+    record.add_ratio("fullchain_sync_vs_torch_save", rounds, "fullchain_sync", "torch_save", "blocking_s")
     record.checks["resume_bit_exact"] = bit_exact
     if recovery is not None:
         record.results["torchrun_sigkill_recovery"] = recovery

@@ -35,6 +35,15 @@ class BenchRecord:
     ratios: dict[str, float] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    ratio_spreads: dict[str, dict[str, float]] = field(default_factory=dict)  # min, max, n of paired ratios
+
+    def add_ratio(self, name: str, rounds: dict[str, list[dict[str, float]]], num: str, den: str, key: str) -> float:
+        """`ratios[name]` = median of num[key] / den[key] pair by pair, its spread in `ratio_spreads[name]`."""
+        values = paired_ratios(rounds, num, den, key)
+        s = spread(values)
+        self.ratios[name] = s["median"]
+        self.ratio_spreads[name] = {"min": s["min"], "max": s["max"], "n": s["n"]}
+        return s["median"]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +59,7 @@ class BenchRecord:
             "results": self.results,
             "ratios": self.ratios,
             "checks": self.checks,
+            "ratio_spreads": self.ratio_spreads,
             "notes": self.notes,
         }
 
@@ -98,8 +108,7 @@ def alternate(
     names = list(contenders)
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for i in range(repeats):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, i):
             rounds[name].append(contenders[name]())
     return rounds
 
@@ -118,9 +127,20 @@ def summarise(rounds: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, 
     return results
 
 
+def paired_ratios(rounds: dict[str, list[dict[str, float]]], num: str, den: str, key: str) -> list[float]:
+    """num[key] / den[key] of each repeat, pair by pair."""
+    return [a[key] / b[key] for a, b in zip(rounds[num], rounds[den], strict=True)]
+
+
 def paired_ratio(rounds: dict[str, list[dict[str, float]]], num: str, den: str, key: str) -> float:
     """Median over repeats of num[key] / den[key], pair by pair."""
-    return statistics.median(a[key] / b[key] for a, b in zip(rounds[num], rounds[den], strict=True))
+    return statistics.median(paired_ratios(rounds, num, den, key))
+
+
+def rotated(names: list[str], round_index: int) -> list[str]:
+    """The order of round `round_index`: A B C, B C A, C A B, ... (see `alternate`)."""
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
 
 
 def print_record(record: BenchRecord, console: Console) -> None:
@@ -149,7 +169,9 @@ def print_record(record: BenchRecord, console: Console) -> None:
         console.print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in res.items()))
     for name, value in record.ratios.items():
-        console.print(f"ratio  {name} = {value:.4f}")
+        lo_hi = record.ratio_spreads.get(name)
+        spread_text = f" [{lo_hi['min']:.4g}..{lo_hi['max']:.4g}, n={lo_hi['n']}]" if lo_hi else ""
+        console.print(f"ratio  {name} = {value:.4f}{spread_text}")
     for name, ok in record.checks.items():
         console.print(f"check  {name}: {'[green]yes[/]' if ok else '[red]no[/]'}")
     for note in record.notes:

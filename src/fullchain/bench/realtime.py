@@ -3,11 +3,14 @@
 The recipe of examples/realtime.yaml: train the ResNet-style CNN in fp32 with the Trainer, fold/fuse
 Conv-BN-ReLU, QAT fine-tune (fake quantisation through the same Trainer), convert to int8. Contenders, all
 from that one fp32 model: fp32 eager (what a user runs by default), fused fp32 (the graph passes'
-fold_conv_bn + fuse_conv_bn_relu), fp32 compiled (Inductor with freezing), and PTQ / QAT int8 on each
-backend (PT2E + Inductor; ONNX Runtime QDQ). For each thread count the contenders alternate in rounds of
-batch-1 calls after a warm-up: latency is each round's median (p99 within the round), throughput is
-batch-1 images per second, ratios are paired round by round against fp32 eager. Accuracy is measured
-once per contender on the test split (the official 10k test images in the full setting).
+fold_conv_bn + fuse_conv_bn_relu), fp32 compiled (Inductor with freezing), fp32 on ONNX Runtime (the
+strongest fp32 baseline: int8's own gain is quoted against it), and PTQ / QAT int8 on each backend (PT2E +
+Inductor; ONNX Runtime QDQ). Every contender gets the same thread count (torch's and the ORT session's
+intra-op threads; ORT's idle threads sleep). For each thread count the contenders alternate in rounds of
+batch-1 calls after a warm-up (rotating order): latency is each round's median (p99 within the round),
+throughput is batch-1 images per second, ratios are paired round by round against fp32 eager and, for
+int8 on ONNX Runtime, against fp32 on ONNX Runtime (median with its spread). Accuracy is measured once per
+contender on the test split (the official 10k test images in the full setting).
 """
 
 from __future__ import annotations
@@ -22,19 +25,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from fullchain.bench.harness import BenchRecord, alternate, paired_ratio, summarise
+from fullchain.bench.harness import BenchRecord, alternate, summarise
 from fullchain.config import DataConfig, ScheduleConfig, TrainConfig
 from fullchain.data import build_data
 from fullchain.models import build_model, model_args_from_data
 from fullchain.optimize.measure import latency_samples, median_p99_ms
+from fullchain.optimize.quantize import onnxrt
 from fullchain.optimize.quantize.flow import TrainingData, finetune_qat, quantize_model
 from fullchain.optimize.quantize.guard import drop_points
 from fullchain.optimize.quantize.measure import accuracy, batches
 from fullchain.optimize.quantize.pt2e import FrozenProgram
+from fullchain.runtime.onnx import export_onnx
 from fullchain.train.trainer import Trainer
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 HEADLINE = "qat_int8_onnxruntime"
+FP32_ORT = "fp32_onnxruntime"
 
 
 def _settings(quick: bool) -> dict:
@@ -88,10 +94,14 @@ def _round(predict: Predict, example: tuple[torch.Tensor, ...], calls: int) -> d
 def _contenders(model, task, example, calibration, training, s, work: Path) -> tuple[dict[str, Contender], dict]:
     contenders = {"fp32_eager": Contender(lambda t: model, _weights_size(model))}
     fused = _fused(model, example)
-    contenders["fused_fp32"] = Contender(lambda t: fused, _weights_size(fused))
+    # captured from a batch-1 example, the fused graph may be specialised to batch 1: scored one image at a time
+    contenders["fused_fp32"] = Contender(lambda t: fused, _weights_size(fused), eval_batch=1)
     if s["compiled"]:
         contenders["fp32_compiled"] = Contender(lambda t: FrozenProgram(copy.deepcopy(model)),
                                                 _weights_size(model), eval_batch=1)
+    fp32_onnx = work / "fp32.onnx"
+    export_onnx(model, example, fp32_onnx, task.input_names, task.dynamic_dims())
+    contenders[FP32_ORT] = Contender(lambda t: onnxrt.predictor(fp32_onnx, t), fp32_onnx.stat().st_size)
     kernels = {}
     started = time.perf_counter()
     qat_graph = finetune_qat(model, example, training)
@@ -152,7 +162,9 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
             "qat_steps": s["qat_steps"], "qat_lr": 1e-4, "calib_samples": s["calib_samples"],
             "threads": s["threads"], "calls_per_round": s["calls_per_round"], "rounds": s["rounds"],
             "latency": "batch 1; median of each round's median (p99 within a round of calls), ms",
-            "headline": f"int8_latency_speedup = fp32_eager / {HEADLINE} batch-1 latency at {s['threads'][0]} thread",
+            "headline": f"int8_latency_speedup = fp32_eager / {HEADLINE} batch-1 latency at {s['threads'][0]} thread;"
+                        f" int8_vs_fp32_ort_latency = {FP32_ORT} / {HEADLINE} (int8's own gain on one runtime)",
+            "same_threads": "torch.set_num_threads and each ORT session's intra_op_num_threads = the thread count",
             **info,
         },
         results=results,
@@ -160,8 +172,14 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     for threads, rounds in all_rounds.items():
         for name in contenders:
             if name != "fp32_eager":
-                record.ratios[f"{name}_speedup_{threads}t"] = paired_ratio(rounds, "fp32_eager", name, "latency_ms")
-    record.ratios["int8_latency_speedup"] = record.ratios[f"{HEADLINE}_speedup_{s['threads'][0]}t"]
+                record.add_ratio(f"{name}_speedup_{threads}t", rounds, "fp32_eager", name, "latency_ms")
+            if name.endswith("_int8_onnxruntime"):
+                record.add_ratio(f"{name}_vs_fp32_ort_speedup_{threads}t", rounds, FP32_ORT, name, "latency_ms")
+    first = s["threads"][0]
+    for headline, source in (("int8_latency_speedup", f"{HEADLINE}_speedup_{first}t"),
+                             ("int8_vs_fp32_ort_latency", f"{HEADLINE}_vs_fp32_ort_speedup_{first}t")):
+        record.ratios[headline] = record.ratios[source]
+        record.ratio_spreads[headline] = record.ratio_spreads[source]
     qat_names = [n for n in contenders if n.startswith("qat_")]
     for name in qat_names + [n for n in contenders if n.startswith("ptq_")]:
         record.ratios[f"{name}_accuracy_drop_points"] = drop_points(fp32_acc, results[name]["accuracy"])

@@ -1,7 +1,8 @@
 """Trainer overhead: the Trainer (progress bar and logging on) against a hand-written PyTorch loop.
 
 Same model initialisation, data order, seed, optimiser and schedule; fp32 on CPU, so the final weights
-must be bit-identical. Lightning Fabric runs as a third contender when `lightning` is installed. Each
+must be bit-identical. Lightning Fabric runs as a third contender when `lightning` is installed, and its final
+weights are checked against the raw loop's too. Each
 contender's timed region is what a user waits for: building the loader and optimiser, then every step.
 """
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fullchain.bench.harness import BenchRecord, alternate, paired_ratio, summarise
+from fullchain.bench.harness import BenchRecord, alternate, summarise
 from fullchain.config import DataConfig, ScheduleConfig, TrainConfig
 from fullchain.data import build_data
 from fullchain.data.sampler import ResumableSampler
@@ -156,9 +157,15 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
         },
         results=summarise(rounds),
     )
-    record.ratios["trainer_vs_raw"] = paired_ratio(rounds, "fullchain", "raw_pytorch", "samples_per_s")
+    record.add_ratio("trainer_vs_raw", rounds, "fullchain", "raw_pytorch", "samples_per_s")
     if "lightning_fabric" in rounds:
-        record.ratios["fabric_vs_raw"] = paired_ratio(rounds, "lightning_fabric", "raw_pytorch", "samples_per_s")
-    raw, ours = final_weights["raw_pytorch"], final_weights["fullchain"]
-    record.checks["weights_identical"] = all(torch.equal(raw[k], ours[k]) for k in raw)
+        record.add_ratio("fabric_vs_raw", rounds, "lightning_fabric", "raw_pytorch", "samples_per_s")
+    raw = final_weights["raw_pytorch"]
+    record.checks["weights_identical"] = _identical(raw, final_weights["fullchain"])
+    if "lightning_fabric" in final_weights:  # the same loop through Fabric: it must train the same weights
+        record.checks["fabric_weights_identical"] = _identical(raw, final_weights["lightning_fabric"])
     return record
+
+
+def _identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
