@@ -24,8 +24,9 @@ run: venv
 test-data:
 	@bash scripts/install_test_data.sh
 
+# Two workers, whole files each (module fixtures stay shared); see tests/conftest.py for their thread settings.
 test: venv test-data
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check src tests

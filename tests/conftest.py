@@ -3,10 +3,17 @@
 A test that writes into an artifact's directory works on a copy (`shutil.copytree` into its tmp_path).
 """
 
+import os
 import time
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two xdist workers on the two cores: one thread each (and in the processes they start), or
+    # four OpenMP teams spin against each other and a millisecond kernel waits out whole scheduler slices.
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 TINY_TRANSFORMER = {"name": "transformer", "args": {"d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64}}
 BBC_SLICE = {"name": "bbc_news", "max_samples": 300, "tokenizer": {"vocab_size": 800, "max_length": 96}}

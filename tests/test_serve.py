@@ -248,22 +248,3 @@ def test_ds_run_exports_serves_under_load_and_records_the_figures(tmp_path):
     assert export["latency_ms_batch1"]["onnxruntime_ms"] > 0
     assert serve["throughput_rps"] > 0 and serve["p99_ms"] >= serve["p50_ms"] > 0
     assert set(serve["statuses"]) == {"200"} and serve["drained_on_sigterm"]
-
-
-@pytest.mark.slow
-def test_bench_serve_quick_batches_ahead_of_the_plain_server(tmp_path):
-    import subprocess
-    import sys
-
-    out = tmp_path / "serve.json"
-    result = subprocess.run([sys.executable, "-m", "fullchain.cli", "bench", "serve", "--quick", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    record = json.loads(out.read_text())
-    assert record["checks"]["no_errors"] and record["checks"]["ds_serve_drained_on_sigterm"]
-    # The speed claim (>= 2.0, measured 2.5-4.5 on a busy 2-core host) is `ds bench serve`'s to record; one quick
-    # round on a shared machine only shows that batching is not slower.
-    ratio = record["ratios"]["batched_vs_plain_throughput_c64"]
-    print(f"\nbatched vs plain throughput at 64 clients: {ratio:.2f}x")
-    assert ratio >= 1.0, ratio
-    assert record["results"]["latency_b1"]["parity_max_abs_error"] < 1e-4

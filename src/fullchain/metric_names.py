@@ -22,6 +22,7 @@ WALL_SECONDS = "wall_seconds"
 COMM_BYTES_TOTAL = "comm_bytes_total"
 COMM_SECONDS_TOTAL = "comm_seconds_total"
 COMM_INTER_NODE_BYTES_TOTAL = "comm_inter_node_bytes_total"
+COMM_WIRE_BYTES_TOTAL = "comm_wire_bytes_total"  # bytes this rank sent over TCP, as the kernel counts them
 
 # Serving (`ds serve`): histograms in seconds, counters by HTTP status.
 SERVE_REQUEST_SECONDS = "serve_request_duration_seconds"  # histogram: arrival to response

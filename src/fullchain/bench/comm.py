@@ -25,9 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from fullchain import metric_names as M
 from fullchain.bench.harness import BenchRecord, alternate, summarise
 from fullchain.distributed import emulated_cluster as cluster
-from fullchain.distributed.comm.counters import WIRE_BYTES_TOTAL
 from fullchain.errors import UserError
 
 
@@ -48,9 +48,9 @@ def _write_run(root: Path, name: str, steps: int, distributed: dict, model_args:
 
 def _read_metrics(root: Path, name: str) -> dict[str, float]:
     rows = [json.loads(x) for x in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if WIRE_BYTES_TOTAL in r]
+    train = [r for r in rows if M.COMM_WIRE_BYTES_TOTAL in r]
     if not train:
-        raise UserError(f"comm bench: {name} logged no {WIRE_BYTES_TOTAL} (the kernel reports no TCP_INFO bytes)")
+        raise UserError(f"comm bench: {name} logged no {M.COMM_WIRE_BYTES_TOTAL} (no TCP_INFO bytes from the kernel)")
     after_warmup = [r for r in train if r["step"] >= 20]
     first, last = after_warmup[0], after_warmup[-1]
     steps_between = last["step"] - first["step"]
@@ -59,7 +59,7 @@ def _read_metrics(root: Path, name: str) -> dict[str, float]:
         return (last[key] - first[key]) / steps_between
 
     measured = {
-        "bytes_per_step": per_step(WIRE_BYTES_TOTAL),
+        "bytes_per_step": per_step(M.COMM_WIRE_BYTES_TOTAL),
         "hook_bytes_per_step": per_step("comm_bytes_total"),
         "step_ms": 1000 * (last["time"] - first["time"]) / steps_between,
         "val_accuracy": [r for r in rows if "eval_accuracy" in r][-1]["eval_accuracy"],

@@ -94,8 +94,7 @@ def _round(predict: Predict, example: tuple[torch.Tensor, ...], calls: int) -> d
 def _contenders(model, task, example, calibration, training, s, work: Path) -> tuple[dict[str, Contender], dict]:
     contenders = {"fp32_eager": Contender(lambda t: model, _weights_size(model))}
     fused = _fused(model, example)
-    # captured from a batch-1 example, the fused graph may be specialised to batch 1: scored one image at a time
-    contenders["fused_fp32"] = Contender(lambda t: fused, _weights_size(fused), eval_batch=1)
+    contenders["fused_fp32"] = Contender(lambda t: fused, _weights_size(fused))
     if s["compiled"]:
         contenders["fp32_compiled"] = Contender(lambda t: FrozenProgram(copy.deepcopy(model)),
                                                 _weights_size(model), eval_batch=1)

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fullchain import metric_names as M
 from fullchain.config import DistributedConfig
 from fullchain.distributed.balance import LoadBalancer, UniformSplit
-from fullchain.distributed.comm.counters import WIRE_BYTES_TOTAL, ring_allreduce_bytes, tcp_bytes_sent
+from fullchain.distributed.comm.counters import ring_allreduce_bytes, tcp_bytes_sent
 from fullchain.distributed.comm.register import register_compression
 from fullchain.distributed.strategy import LocalStrategy
 
@@ -115,7 +115,7 @@ class DDPStrategy(ProcessGroupStrategy):
             self.comm_state.load_state_dict(state["comm_hook"])
 
     def metrics(self, steps: int) -> dict[str, float]:
-        wire = {WIRE_BYTES_TOTAL: sent} if (sent := tcp_bytes_sent()) is not None else {}
+        wire = {M.COMM_WIRE_BYTES_TOTAL: sent} if (sent := tcp_bytes_sent()) is not None else {}
         if self.comm_state is None:
             return {M.COMM_BYTES_TOTAL: steps * self.fp32_bytes_per_step, **wire}
         stats = self.comm_state.stats

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from fullchain.errors import UserError
 
@@ -99,6 +99,15 @@ def _auto_dims(value: Any) -> Any:
     return {i: torch.export.Dim.AUTO for i, size in enumerate(value.shape) if size > 1}
 
 
+def _two_rows(inputs: Any) -> Any:
+    """Inputs whose tensors all have a leading (batch) dimension of 1, repeated to 2 rows: from a batch of one the
+    exporter would specialise the batch to 1, and the graph would refuse any other batch size."""
+    tensors = [t for t in tree_leaves(inputs) if torch.is_tensor(t)]
+    if not tensors or any(t.dim() == 0 or t.shape[0] != 1 for t in tensors):
+        return inputs
+    return tree_map(lambda t: torch.cat([t, t]) if torch.is_tensor(t) else t, inputs)
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
     """torch.export logs its decisions as warnings; capture reports its own outcome, so they are held back."""
@@ -120,6 +129,8 @@ def _export(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in inspect.signature(module.forward).parameters.values()
            if p.name in bound.arguments):
         raise TypeError("variadic forward arguments")
+    args, kwargs = _two_rows(args), _two_rows(kwargs)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
     dynamic = {name: tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
     with _quiet_exporter():
         program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=False)

@@ -133,8 +133,10 @@ def paired_latency(before: Callable[[], object], after: Callable[[], object], ro
         synchronize(device)
         return time.perf_counter() - started
 
-    fastest = min(min(seconds(fn) for _ in range(3)) for fn in fns.values())
-    calls = min(1000, max(1, math.ceil(min_round_s / max(fastest, 1e-6))))
+    warm = [min(seconds(fn) for _ in range(3)) for fn in fns.values()]
+    # enough calls for the faster one's round to last min_round_s, but the slower one's no longer than 10x that
+    calls = max(1, min(1000, math.ceil(min_round_s / max(min(warm), 1e-6)),
+                       math.ceil(10 * min_round_s / max(max(warm), 1e-6))))
     times: dict[str, list[float]] = {"before": [], "after": []}
     for i in range(rounds):
         for name in ("before", "after") if i % 2 == 0 else ("after", "before"):

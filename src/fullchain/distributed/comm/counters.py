@@ -13,7 +13,6 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-WIRE_BYTES_TOTAL = "comm_wire_bytes_total"  # metrics.jsonl key of `tcp_bytes_sent`
 _TCPI_BYTES_SENT = slice(200, 208)  # struct tcp_info's __u64 tcpi_bytes_sent (Linux >= 4.19)
 
 
