@@ -125,12 +125,12 @@ def _quiet_exporter():
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in inspect.signature(module.forward).parameters.values()
+    args, kwargs = _two_rows((args, kwargs))  # together: one batch dimension across every input
+    signature = inspect.signature(module.forward)
+    bound = signature.bind(*args, **kwargs)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()
            if p.name in bound.arguments):
         raise TypeError("variadic forward arguments")
-    args, kwargs = _two_rows(args), _two_rows(kwargs)
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
     dynamic = {name: tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
     with _quiet_exporter():
         program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=False)
