@@ -100,6 +100,8 @@ def test_a_mesh_that_does_not_fit_the_world_is_one_line(mesh, world, message):
     ({"strategy": "fsdp", "compression": "int8"}, "compression: compression int8 rewrites DDP's gradient"),
     ({"strategy": "hybrid", "mesh": {"tensor": 2}, "hierarchical": True}, "hierarchical: hierarchical rewrites"),
     ({"strategy": "zero3"}, "distributed.strategy: 'zero3' is not one of ddp, fsdp, hybrid"),
+    ({"strategy": "hybrid", "mesh": {"tensor": 2}, "balance": {"enabled": True}}, "balance.enabled: load balancing "
+                                                                                   "needs strategy ddp or fsdp"),
 ])
 def test_distributed_settings_that_cannot_work_are_one_line_errors(distributed, message):
     with pytest.raises(UserError, match=message) as err:
@@ -107,10 +109,10 @@ def test_distributed_settings_that_cannot_work_are_one_line_errors(distributed, 
     assert "\n" not in str(err.value) and str(err.value).startswith("run.yaml: distributed")
 
 
-def test_balancing_gives_a_slow_rank_less_work_and_keeps_the_uniform_gradient(tmp_path):
+@pytest.mark.parametrize("strategy", [{"strategy": "ddp"}, {"strategy": "fsdp", "mesh": {"shard": 2}}])
+def test_balancing_gives_a_slow_rank_less_work_and_keeps_the_uniform_gradient(tmp_path, strategy):
     # rank 1 takes twice as long per sample as rank 0 (a sleep proportional to its samples)
-    scenario = {"strategy": "ddp", "steps": 6, "every": 100, "delay": 0.004,
-                "balance": {"enabled": True, "every_steps": 1}}
+    scenario = {**strategy, "steps": 6, "every": 100, "delay": 0.004, "balance": {"enabled": True, "every_steps": 1}}
     result = run_ranks(2, scenario, tmp_path)
     assert sum(result["sizes"]) == 8 and result["sizes"][0] > result["sizes"][1]
     # every step's gradient is the whole global batch's, as in one process: the end state is the same

@@ -310,9 +310,9 @@ class DistributedConfig(Section):
         if self.strategy == "ddp" and (self.mesh.shard or 1) > 1:
             raise ValueError(f"mesh.shard: {self.mesh.shard} needs strategy fsdp or hybrid "
                              "(ddp replicates the whole model)")
-        if self.balance.enabled and self.strategy != "ddp":
-            raise ValueError(f"balance.enabled: load balancing needs strategy ddp; {self.strategy} gathers "
-                             "parameters inside the forward, so every rank would measure the slowest rank's time")
+        if self.balance.enabled and self.strategy == "hybrid":
+            raise ValueError("balance.enabled: load balancing needs strategy ddp or fsdp; hybrid's tensor-parallel "
+                             "ranks share each batch and wait for each other in every layer")
         if self.balance.enabled and self.compression != "none":
             raise ValueError(f"balance.enabled: balanced steps sum gradients in one plain all-reduce; compression "
                              f"{self.compression} does not apply to it (use compression none)")

@@ -5,7 +5,8 @@
     classifier; (b) a recommendation-style model with a large sparse embedding table: the planner's placement
     (table on the CPU with SparseAdam, sparse gradients) against everything dense with AdamW on one device;
     (c) 2 ranks, rank 1 slowed 2x by a delay proportional to its samples: static split against the balanced
-    split (`distributed.balance`), with the final loss of both (equal gradients give equal training).
+    split (`distributed.balance`) under DDP and under FSDP2, with the final accuracy of both (equal gradients
+    give equal training).
 Checks: the full state gathered from FSDP2 (2 ranks) and hybrid (2 x 2) equals one process trained the same way.
 `--quick` runs the checks and (c) only, on a tiny model.
 
@@ -188,18 +189,21 @@ def accuracy(args: dict, state: dict[str, torch.Tensor]) -> float:
         return float((model.eval()(ids).argmax(1) == labels).float().mean())
 
 
-def balance_contenders(root: Path, args: dict, steps: int, delay: float) -> tuple[dict, dict, bool]:
-    """Static vs balanced split with rank 1 slowed 2x; also whether both trained the same model."""
+def balance_contenders(root: Path, args: dict, steps: int, delay: float,
+                       strategy: str = "ddp") -> tuple[dict, float, bool]:
+    """Static vs balanced split under `strategy` with rank 1 slowed 2x: the results, the balanced / static
+    step-time ratio and whether both trained the same model."""
     results, states = {}, {}
     for name, balance in (("static", {"enabled": False}), ("balanced", {"enabled": True, "every_steps": 2})):
-        r = run_ranks(root / name, 2, {"name": name, "distributed": {"strategy": "ddp", "balance": balance},
-                                       "model": args, "steps": steps, "batch": 8, "delay": delay})
-        states[name] = load_file(str(root / name / "state.safetensors"))
+        distributed = {"strategy": strategy, "balance": balance}
+        r = run_ranks(root / strategy / name, 2, {"name": name, "distributed": distributed, "model": args,
+                                                  "steps": steps, "batch": 8, "delay": delay})
+        states[name] = load_file(str(root / strategy / name / "state.safetensors"))
         skip = steps // 2  # after warm-up and the first re-balancing
         results[name] = {"step_s": _median_step(r, skip), "final_accuracy": accuracy(args, states[name]),
                          "split": r["sizes"] or [8, 8]}
     ratio = results["balanced"]["step_s"] / results["static"]["step_s"]
-    return results, {"balanced_vs_static_step_time": ratio}, states_equal(states["balanced"], states["static"])
+    return results, ratio, states_equal(states["balanced"], states["static"])
 
 
 def strategy_contenders(root: Path, args: dict, steps: int) -> dict:
@@ -255,19 +259,23 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
     with tempfile.TemporaryDirectory(prefix="fullchain-parallel-bench-") as tmp:
         root = Path(tmp)
         checks = equality_checks(root / "equal", TINY)
-        balance, ratios, same_model = balance_contenders(root / "balance", TINY, steps, delay)
-        results = {f"balance_{k}": v for k, v in balance.items()}
+        results, ratios = {}, {}
+        for strategy, suffix in (("ddp", ""), ("fsdp", "_fsdp")):
+            balance, ratio, same_model = balance_contenders(root / "balance", TINY, steps, delay, strategy)
+            results.update({f"balance{suffix}_{k}": v for k, v in balance.items()})
+            ratios[f"balanced_vs_static_step_time{suffix}"] = ratio
+            checks[f"balanced_same_model{suffix}"] = same_model  # equal gradients every step: the same weights
         if not quick:
             results.update({f"strategy_{k}": v for k, v in strategy_contenders(root / "strategies", LARGE, 8).items()})
             sparse = sparse_contenders(2_000_000, 12)
             results.update({f"sparse_{k}": v for k, v in sparse.items()})
             ratios["planned_vs_dense_step_time"] = sparse["planned"]["step_s"] / sparse["one_device_dense"]["step_s"]
-    checks["balanced_same_model"] = same_model  # equal gradients every step: the same weights, the same accuracy
     return BenchRecord(
         bench="parallel",
         settings={"quick": quick, "backend": "gloo", "model": TINY if quick else {"balance": TINY, "strategies": LARGE},
                   "balance": {"ranks": 2, "global_batch": 16, "steps": steps, "delay_s_per_sample": delay,
-                              "slow_rank": "rank 1, 2x rank 0's per-sample delay", "every_steps": 2},
+                              "slow_rank": "rank 1, 2x rank 0's per-sample delay", "every_steps": 2,
+                              "strategies": ["ddp", "fsdp (FSDP2 over 2 ranks)"]},
                   "optimizer": "SGD momentum 0.9"},
         results=results, ratios=ratios, checks=checks,
         notes=["step times are medians after warm-up on a shared CPU machine (gloo); under load"])

@@ -4,15 +4,23 @@ Uniform data parallelism gives every rank ``batch_size`` samples, so every step 
 Here every rank reads the same global batch order (``batch_size x data ranks`` samples a step, the epoch's
 permutation from the seed, as `ResumableSampler` draws it) and takes its own contiguous slice, sized by
 `LoadBalancer.sizes`. The gradient stays exactly the uniform one: each rank weighs its loss sum by the
-*global* target count (one all-reduce of a scalar) and the gradients are summed, not averaged, so the sum
-over ranks is the loss over the whole global batch whatever the split.
+*global* target count (one all-reduce of a scalar), so the sum over ranks is the loss over the whole global
+batch whatever the split.
 
-Speed is measured where no collective can hide it: each rank times its own forward and backward with the
-gradient sync deferred (DDP's ``no_sync``), then the gradients are all-reduced explicitly. Every
-``every_steps`` steps the ranks all-gather (samples, seconds) and all compute the same new split,
-proportional to throughput, never below ``min_share`` of the global batch. FSDP2 gathers parameters inside
-the forward, which would make every rank wait for the slowest and measure the same time, so balancing
-needs strategy ddp (config validation says so).
+Speed must be measured where no collective can hide it, or every rank would measure the slowest rank's time:
+
+- DDP (`LoadBalancer`): each rank times its own forward and backward with the gradient sync deferred
+  (``no_sync``), then the gradients are summed in one explicit all-reduce.
+- FSDP2 (`ShardedLoadBalancer`): parameters are gathered inside the forward and gradients reduce-scattered
+  inside the backward, so collectives cannot be moved out of the step. `ForwardClock` times each FSDP2
+  module's pre-forward hook (the all-gather, and the wait for slower ranks that comes with it) and counts the
+  rest of the forward as this rank's compute; the backward's collectives are FSDP2's own, and the forward's
+  speed stands for the whole step's (a rank that is slower per sample is slower in both). FSDP2 averages
+  gradients over the data ranks, so each rank's loss weight is multiplied by their number.
+
+Every ``every_steps`` steps the ranks all-gather (samples, seconds) and all compute the same new split,
+proportional to throughput, never below ``min_share`` of the global batch. Tensor parallelism (strategy
+hybrid) is not balanced: the ranks of one tensor group share a batch and wait for each other in every layer.
 
 No library balances data-parallel work across ranks of unequal speed (torch's Join only evens out the
 number of batches), hence this module.
@@ -21,12 +29,14 @@ number of batches), hence this module.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import Sampler
 
 from fullchain import metric_names as M
@@ -148,6 +158,75 @@ class LoadBalancer:
         sizes = state.get("sizes")
         if sizes and len(sizes) == self.world_size and sum(sizes) == self.global_batch:
             self.sizes = list(sizes)
+
+
+class ForwardClock:
+    """Seconds of forward computation on this rank, without the time FSDP2 spends gathering parameters.
+
+    Every FSDP2 module's pre-forward hook (its all-gather and the wait for the other ranks) is timed; the
+    root's whole forward minus those waits is this rank's own work, which is what differs between ranks.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.compute_seconds = 0.0
+        self._gather_seconds = 0.0
+        self._root_start = 0.0
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                # FSDP2 keeps its pre-forward hook's handle on the module's state; the hook is swapped for a
+                # timed copy in place, so it keeps its position among the module's hooks.
+                hook_id = module._get_fsdp_state()._pre_forward_hook_handle.id
+                module._forward_pre_hooks[hook_id] = self._timed(module._forward_pre_hooks[hook_id])
+        model.register_forward_pre_hook(self._root_called, prepend=True)
+        model.register_forward_hook(self._root_done)
+
+    def _timed(self, hook: Callable) -> Callable:
+        @functools.wraps(hook)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self._gather_seconds += time.perf_counter() - start
+        return timed
+
+    def _root_called(self, module: torch.nn.Module, args: tuple) -> None:
+        self._gather_seconds = 0.0
+        self._root_start = time.perf_counter()
+
+    def _root_done(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        self.compute_seconds += time.perf_counter() - self._root_start - self._gather_seconds
+
+
+class ShardedLoadBalancer(LoadBalancer):
+    """`LoadBalancer` under FSDP2: FSDP2's own reduce-scatter (an average over the data ranks), speed from
+    `ForwardClock`."""
+
+    def __init__(self, global_batch: int, data_rank: int, data_world_size: int, every_steps: int = 10,
+                 min_share: float = 0.05, *, strategy):
+        super().__init__(global_batch, data_rank, data_world_size, every_steps, min_share)
+        self.strategy = strategy
+        self._clock: ForwardClock | None = None
+
+    def step_targets(self, local_targets: int, device: torch.device) -> float:
+        """The global batch's targets over the data ranks: FSDP2 divides the summed gradient by their number."""
+        return super().step_targets(local_targets, device) / self.world_size
+
+    @contextlib.contextmanager
+    def micro_batch(self, model: torch.nn.Module, samples: int, last: bool) -> Iterator[None]:
+        if self._clock is None:
+            self._clock = ForwardClock(model)
+        before = self._clock.compute_seconds
+        with self.strategy.sync_gradients(model, sync=last):
+            yield
+        self._seconds += self._clock.compute_seconds - before
+        self._samples += samples
+
+    def finish(self, model: torch.nn.Module, step_loss: torch.Tensor) -> torch.Tensor:
+        """The global batch's loss (the gradients are already reduced by FSDP2)."""
+        total = step_loss.detach().reshape(1).to(torch.float32)
+        dist.all_reduce(total)
+        return total[0] / self.world_size
 
 
 class BalancedBatchSampler(Sampler[list[int]]):

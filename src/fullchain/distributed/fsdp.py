@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fullchain.config import DistributedConfig
+from fullchain.distributed.balance import ShardedLoadBalancer, UniformSplit
 from fullchain.distributed.ddp import ProcessGroupStrategy
 from fullchain.distributed.mesh import build_mesh, data_coordinate, resolve_shape
 from fullchain.errors import UserError
@@ -97,6 +98,14 @@ class MeshStrategy(ProcessGroupStrategy):
         if on_meta:
             model.to_empty(device=self.device)
         return model
+
+    def splitter(self, global_batch: int) -> UniformSplit | ShardedLoadBalancer:
+        """Uniform, or balanced with speeds measured around FSDP2's gathers (`ShardedLoadBalancer`)."""
+        balance = self.cfg.balance
+        if not balance.enabled:
+            return UniformSplit(self)
+        return ShardedLoadBalancer(global_batch, self.data_rank, self.data_world_size, balance.every_steps,
+                                   balance.min_share, strategy=self)
 
     def sync_gradients(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """FSDP2 reduce-scatters in backward; accumulation micro-batches keep unsharded gradients instead."""
