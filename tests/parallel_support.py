@@ -112,7 +112,8 @@ def _strategy(spec: dict):
     from fullchain.models.encoder import parallelize_encoder_model
 
     cfg = DistributedConfig.model_validate({"backend": "gloo", "strategy": spec["strategy"],
-                                            "mesh": spec.get("mesh", {}), "balance": spec.get("balance", {})})
+                                            "mesh": spec.get("mesh", {}), "balance": spec.get("balance", {}),
+                                            **spec.get("comm", {})})
     if cfg.strategy == "ddp":
         return DDPStrategy(cfg)
     return MeshStrategy(cfg, parallelize=parallelize_encoder_model)
@@ -121,6 +122,15 @@ def _strategy(spec: dict):
 def slow_down(model: torch.nn.Module, seconds_per_sample: float) -> None:
     """A deterministic straggler: the forward sleeps in proportion to the samples it processes."""
     model.register_forward_pre_hook(lambda _, args: time.sleep(seconds_per_sample * len(args[0])))
+
+
+def _replica_comm(strategy) -> dict | None:
+    """Bytes the compressed all-reduce across HSDP replicas sent: in all, and in its fp32 warm-up steps."""
+    replicas = getattr(strategy, "replicas", None)
+    if replicas is None:
+        return None
+    return {"bytes": replicas.state.stats.bytes_sent, "fp32_bytes": replicas.state.stats.uncompressed_bytes,
+            "steps": replicas.state.step}
 
 
 def _train(out: Path, spec: dict) -> dict:
@@ -148,7 +158,7 @@ def _train(out: Path, spec: dict) -> dict:
     if strategy.is_main:
         save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(out / "state.safetensors"))
     outcome = {"resumed_from": result.resumed_from_step, "steps": result.steps, "wall_s": result.wall_s,
-               "sizes": getattr(trainer.split, "sizes", None),
+               "sizes": getattr(trainer.split, "sizes", None), "replica_comm": _replica_comm(strategy),
                "data_rank": strategy.data_rank, "data_world_size": strategy.data_world_size}
     reload = spec.get("reload_on")
     if reload:  # the final checkpoint, loaded into a fresh model on another mesh of the same ranks

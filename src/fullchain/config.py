@@ -316,12 +316,26 @@ class DistributedConfig(Section):
         if self.balance.enabled and self.compression != "none":
             raise ValueError(f"balance.enabled: balanced steps sum gradients in one plain all-reduce; compression "
                              f"{self.compression} does not apply to it (use compression none)")
-        if self.strategy != "ddp" and (self.compression != "none" or self.hierarchical):
-            what = f"compression {self.compression}" if self.compression != "none" else "hierarchical"
-            raise ValueError(f"{what.split()[0]}: {what} rewrites DDP's gradient all-reduce; strategy "
-                             f"{self.strategy} reduce-scatters gradients inside FSDP2, where it does not apply "
-                             "(use strategy ddp, or compression none)")
+        if self.strategy != "ddp":
+            self._compression_on_replicas()
         return self
+
+    def _compression_on_replicas(self) -> None:
+        """fsdp / hybrid compress only the all-reduce across ``mesh.replicate`` (HSDP), with int8 or bf16."""
+        if self.hierarchical:
+            raise ValueError(f"hierarchical: strategy {self.strategy} with mesh.replicate > 1 (HSDP) is hierarchical "
+                             "already: a reduce-scatter inside each replica, an all-reduce across replicas; set "
+                             "mesh.replicate to the number of nodes instead")
+        if self.compression == "none":
+            return
+        if self.compression in ("int8", "bf16"):
+            if (self.mesh.replicate or 1) > 1:
+                return
+            raise ValueError(f"compression: {self.compression} with strategy {self.strategy} compresses the all-reduce "
+                             "across replicas (HSDP); set mesh.replicate >= 2 (FSDP2's reduce-scatter inside a "
+                             "replica stays fp32)")
+        raise ValueError(f"compression: {self.compression} needs whole gradients (strategy ddp); strategy "
+                         f"{self.strategy} reduces flat gradient shards: use int8 or bf16 with mesh.replicate >= 2")
 
 
 class OptimizeConfig(Section):

@@ -24,8 +24,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from fullchain import metric_names as M
 from fullchain.config import DistributedConfig
 from fullchain.distributed.balance import ShardedLoadBalancer, UniformSplit
+from fullchain.distributed.comm.replicas import ReplicaAllReduce
 from fullchain.distributed.ddp import ProcessGroupStrategy
 from fullchain.distributed.mesh import build_mesh, data_coordinate, resolve_shape
 from fullchain.errors import UserError
@@ -72,6 +74,10 @@ class MeshStrategy(ProcessGroupStrategy):
         self.mp_policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[precision], reduce_dtype=torch.float32)
         self._data_rank, self._data_world_size = data_coordinate(self.mesh)
         self._template: nn.Module | None = None
+        self.replicas = None  # compression across replicas: FSDP2 shards over `shard` and hands us the all-reduce
+        if cfg.compression != "none" and self.shape.replicate > 1:
+            self.replicas = ReplicaAllReduce(cfg.compression, self.mesh["replicate"].get_group(), cfg.chunk_size,
+                                             cfg.compression_start_step)
 
     @property
     def data_rank(self) -> int:
@@ -83,8 +89,11 @@ class MeshStrategy(ProcessGroupStrategy):
 
     @property
     def data_mesh(self) -> Any:
-        """The mesh FSDP2 shards over: ``shard`` alone, or ``replicate x shard`` (HSDP)."""
-        return self.mesh["shard"] if self.shape.replicate == 1 else self.mesh["replicate", "shard"]
+        """The mesh FSDP2 shards over: ``shard`` alone, or ``replicate x shard`` (HSDP); ``shard`` alone too when
+        the all-reduce across replicas is compressed (`ReplicaAllReduce` runs it)."""
+        if self.shape.replicate == 1 or self.replicas is not None:
+            return self.mesh["shard"]
+        return self.mesh["replicate", "shard"]
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Tensor-parallel plan, then FSDP2; a model on the meta device is materialised sharded (`materialize`)."""
@@ -95,6 +104,8 @@ class MeshStrategy(ProcessGroupStrategy):
         if self.shape.tensor > 1:
             model = self.parallelize(model, self.mesh["tensor"], self.cfg)
         model = shard_blocks(model, self.data_mesh, self.mp_policy)
+        if self.replicas is not None:
+            self.replicas.attach(model)
         if on_meta:
             model.to_empty(device=self.device)
         return model
@@ -115,6 +126,21 @@ class MeshStrategy(ProcessGroupStrategy):
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model  # FSDP2 and tensor parallelism change the module in place
+
+    def state_dict(self) -> dict:
+        return {"comm_hook": self.replicas.state.state_dict()} if self.replicas is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.replicas is not None and "comm_hook" in state:
+            self.replicas.state.load_state_dict(state["comm_hook"])
+
+    def metrics(self, steps: int) -> dict[str, float]:
+        """Bytes and time of the compressed all-reduce across replicas (FSDP2's own collectives are not counted)."""
+        if self.replicas is None:
+            return {}
+        stats = self.replicas.state.stats
+        return {M.COMM_BYTES_TOTAL: stats.bytes_sent, M.COMM_SECONDS_TOTAL: stats.comm_time_s,
+                M.COMM_INTER_NODE_BYTES_TOTAL: stats.bytes_sent}
 
     def materialize(self, model: nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:
         """Fill a wrapped model's shards from `full_state` (whole tensors, needed on rank 0 only: rank 0 sends
