@@ -1,9 +1,11 @@
 """`ds bench parallel`: DDP vs FSDP2 vs hybrid, the placement planner, and static vs balanced data parallelism.
 
 (a) step time, per-rank parameter memory (weights + optimiser state the rank holds between steps, against
-    the 1/N ideal) and peak RSS of DDP, FSDP2 and hybrid (tensor 2 x shard 2) on 4 gloo ranks, Transformer
-    classifier; (b) a recommendation-style model with a large sparse embedding table: the planner's placement
-    (table on the CPU with SparseAdam, sparse gradients) against everything dense with AdamW on one device;
+    the 1/N ideal) and peak RSS of DDP, FSDP2, hybrid (tensor 2 x shard 2) and HSDP (replicate 2 x shard 2,
+    with an fp32 or an int8 all-reduce across replicas: bytes sent across replicas) on 4 gloo ranks,
+    Transformer classifier; (b) a recommendation-style model with a large sparse embedding table: the
+    planner's placement (table on the CPU with SparseAdam, sparse gradients) against everything dense with
+    AdamW on one device;
     (c) 2 ranks, rank 1 slowed 2x by a delay proportional to its samples: static split against the balanced
     split (`distributed.balance`) under DDP and under FSDP2, with the final accuracy of both (equal gradients
     give equal training).
@@ -29,7 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fullchain import metric_names as M
 from fullchain.bench.harness import BenchRecord
+from fullchain.distributed.comm.counters import ring_allreduce_bytes
 from fullchain.errors import UserError
 
 TINY = {"vocab_size": 64, "num_classes": 4, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
@@ -154,6 +158,7 @@ def _worker(workdir: Path) -> None:
     # a file per rank, not all_gather_object: a gloo work holding Python objects can deadlock the exit
     (workdir / f"rank{strategy.rank}.json").write_text(json.dumps({
         "bytes": local_bytes(trainer.model, trainer.optimizer),
+        "replica_bytes": strategy.metrics(trainer.step).get(M.COMM_INTER_NODE_BYTES_TOTAL),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     full = strategy.full_model(trainer.model)
     if strategy.is_main:
@@ -209,14 +214,21 @@ def balance_contenders(root: Path, args: dict, steps: int, delay: float,
 def strategy_contenders(root: Path, args: dict, steps: int) -> dict:
     results = {}
     full_bytes = sum(p.numel() for p in make_model(args).parameters()) * 4 * 2  # weights and SGD momentum
+    hsdp = {"strategy": "fsdp", "mesh": {"replicate": 2, "shard": 2}}
     for name, distributed in (("ddp", {"strategy": "ddp"}), ("fsdp", {"strategy": "fsdp"}),
-                              ("hybrid", {"strategy": "hybrid", "mesh": {"tensor": 2}})):
+                              ("hybrid", {"strategy": "hybrid", "mesh": {"tensor": 2}}), ("hsdp", hsdp),
+                              ("hsdp_int8", {**hsdp, "compression": "int8", "compression_start_step": 0})):
         r = run_ranks(root / name, 4, {"name": name, "distributed": distributed, "model": args, "steps": steps,
                                        "batch": 4})
         per_rank = [rank["bytes"] for rank in r["ranks"]]
         results[name] = {"step_s": _median_step(r, 2), "param_bytes_per_rank_max": max(per_rank),
                          "ideal_bytes_per_rank": full_bytes / 4, "vs_ideal": max(per_rank) / (full_bytes / 4),
-                         "peak_rss_mb_max": max(rank["peak_rss_mb"] for rank in r["ranks"])}
+                         "peak_rss_mb_max": max(rank["peak_rss_mb"] for rank in r["ranks"]),
+                         "final_accuracy": accuracy(args, load_file(str(root / name / "state.safetensors")))}
+        if name == "hsdp_int8":  # bytes each rank sent across replicas, against the fp32 ring all-reduce of its shard
+            shard_numel = sum(p.numel() for p in make_model(args).parameters()) // 2
+            results[name]["replica_bytes_per_step"] = r["ranks"][0]["replica_bytes"] / steps
+            results[name]["fp32_replica_bytes_per_step"] = ring_allreduce_bytes(shard_numel, 4, 2)
     return results
 
 
@@ -266,7 +278,12 @@ def run(quick: bool = False, device: str = "auto") -> BenchRecord:
             ratios[f"balanced_vs_static_step_time{suffix}"] = ratio
             checks[f"balanced_same_model{suffix}"] = same_model  # equal gradients every step: the same weights
         if not quick:
-            results.update({f"strategy_{k}": v for k, v in strategy_contenders(root / "strategies", LARGE, 8).items()})
+            strategies = strategy_contenders(root / "strategies", LARGE, 8)
+            results.update({f"strategy_{k}": v for k, v in strategies.items()})
+            int8, fp32 = strategies["hsdp_int8"], strategies["hsdp"]
+            ratios["hsdp_int8_vs_fp32_replica_bytes"] = (int8["replica_bytes_per_step"]
+                                                         / int8["fp32_replica_bytes_per_step"])
+            ratios["hsdp_int8_vs_fp32_step_time"] = int8["step_s"] / fp32["step_s"]
             sparse = sparse_contenders(2_000_000, 12)
             results.update({f"sparse_{k}": v for k, v in sparse.items()})
             ratios["planned_vs_dense_step_time"] = sparse["planned"]["step_s"] / sparse["one_device_dense"]["step_s"]
