@@ -10,6 +10,7 @@ tensor dimension is innermost, the fastest links on a multi-GPU node.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -59,8 +60,19 @@ def _describe(given: dict[str, int | None]) -> str:
 
 
 def build_mesh(shape: MeshShape, device_type: str) -> DeviceMesh:
-    """The 3-D `DeviceMesh` with dimensions named `DIMS` (size-1 dimensions are kept: plans index by name)."""
-    return init_device_mesh(device_type, (shape.replicate, shape.shard, shape.tensor), mesh_dim_names=DIMS)
+    """The 3-D `DeviceMesh` with dimensions named `DIMS` (size-1 dimensions are kept: plans index by name).
+
+    Every combination of two or three dimensions with more than one rank each is also flattened into one
+    process group, so a DTensor sharded or reduced over several dimensions (the gradient norm of a tensor-
+    parallel weight under FSDP2) takes one collective instead of one per dimension.
+    """
+    mesh = init_device_mesh(device_type, (shape.replicate, shape.shard, shape.tensor), mesh_dim_names=DIMS)
+    sizes = dict(zip(DIMS, (shape.replicate, shape.shard, shape.tensor), strict=True))
+    for count in (2, 3):
+        for dims in itertools.combinations(DIMS, count):
+            if all(sizes[d] > 1 for d in dims):
+                mesh[dims]._flatten()
+    return mesh
 
 
 def data_coordinate(mesh: DeviceMesh) -> tuple[int, int]:
