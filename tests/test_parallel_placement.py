@@ -74,9 +74,11 @@ def test_ds_plan_prints_each_group_with_device_memory_and_reason(tmp_path):
                                                                                             "PATH": "/usr/bin"})
     assert done.returncode == 0, done.stderr
     assert "table" in done.stdout and "sparse=True" in done.stdout and "cuda" in done.stdout
+    assert "ds train does not apply this plan (distributed.placement.enabled: false)" in done.stdout
     plan = json.loads((tmp_path / "p.json").read_text())
     assert plan["fits"] and plan["bytes"]["cpu"] == 2_000_000 * 32 * 4 * 3
     assert [g["device"] for g in plan["groups"]] == ["cpu", "cuda"]
+    assert plan["applied_by_train"] is False
 
 
 def test_ds_plan_names_a_bad_field_in_one_line(tmp_path):
@@ -87,3 +89,25 @@ def test_ds_plan_names_a_bad_field_in_one_line(tmp_path):
                           timeout=60, cwd=REPO_ROOT)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "distributed.placement.accelerator_memory_gb" in done.stderr
+
+
+def test_placing_moves_only_the_dense_part_and_the_table_never_visits_the_device():
+    """The meta device stands in for a GPU: a table that went there and back would have lost its values."""
+    torch.manual_seed(0)
+    model = Recommender(num_features=8, num_classes=2, rows=10_000, dim=8, sparse=False)
+    table, rows = model.table, model.table.weight.detach().clone()
+    place(model, plan_placement(model, sparse_threshold_mb=0.1), "meta")
+    assert model.table is table and table.sparse  # back in its slot
+    assert table.weight.device.type == "cpu" and torch.equal(table.weight, rows)
+    assert {p.device.type for p in model.mlp.parameters()} == {"meta"}
+
+
+def test_a_table_tied_to_the_output_head_stays_dense_and_the_plan_says_why():
+    from fullchain.models import build_model
+
+    with torch.device("meta"):  # a language model whose vocabulary head shares the token table's weight
+        model = build_model(name="causal_lm", args={"vocab_size": 5000, "d_model": 64, "n_heads": 2, "n_layers": 1,
+                                                    "d_ff": 64, "max_length": 32})
+    plan = plan_placement(model, sparse_threshold_mb=0.5)
+    assert plan.sparse_names == [] and [g.device for g in plan.groups] == ["cuda"]
+    assert "encoder.tok_emb stays dense" in plan.notes[0] and "lm_head.weight" in plan.notes[0]

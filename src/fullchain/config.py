@@ -277,6 +277,8 @@ class BalanceConfig(Section):
 class PlacementConfig(Section):
     """The placement planner (`ds plan`): big sparse tables on the CPU, dense layers on the accelerator."""
 
+    enabled: bool = Field(False, description="ds train applies the plan: tables on the CPU with SparseAdam, the "
+                                             "rest on train.device with train.optimizer (one process)")
     sparse_threshold_mb: float = Field(64.0, gt=0, description="an embedding table this big goes to the CPU")
     accelerator_memory_gb: float | None = Field(None, gt=0, description="the accelerator's memory budget "
                                                                         "(default: the device's own, if any)")

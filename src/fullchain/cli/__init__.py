@@ -85,6 +85,10 @@ def train(
     cfg = _load(config, overrides)  # validate before launching anything
     if allow_fresh and resume != "auto":
         raise UserError(f"--allow-fresh goes with --resume auto (got --resume {resume})")
+    if cfg.distributed.placement.enabled:
+        from fullchain.distributed.placement import require_single_process
+
+        require_single_process(nproc_per_node * nnodes)
     if nproc_per_node > 1 or nnodes > 1 or max_restarts > 0:
         from fullchain.distributed.launch import launch
 
@@ -396,19 +400,17 @@ def plan(
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the plan as JSON")] = None,
 ) -> None:
     """Print where each parameter group would live (CPU or accelerator), its memory and why."""
-    from fullchain.distributed.placement import MB, plan_for_run
+    from fullchain.distributed.placement import plan_for_run, print_plan
 
-    result = plan_for_run(_load(config, overrides))
-    table = Table("parameter group", "device", "parameters", "MB (w+g+opt)", "optimizer", "reason")
-    for g in result.groups:
-        table.add_row(g.name, g.device, f"{g.parameters:,}", f"{g.bytes / MB:.1f}", g.optimizer, g.reason)
-    out.print(table)
-    for device in sorted({g.device for g in result.groups}):
-        out.print(f"{device}: {result.bytes_on(device) / MB:.1f} MB", highlight=False)
-    for note in result.notes:
-        out.print(note, highlight=False)
+    cfg = _load(config, overrides)
+    result = plan_for_run(cfg)
+    print_plan(result, out)
+    enabled = cfg.distributed.placement.enabled
+    out.print("ds train applies this plan (distributed.placement.enabled: true), on train.device" if enabled else
+              "ds train does not apply this plan (distributed.placement.enabled: false): every parameter on "
+              "train.device with train.optimizer", highlight=False)
     if json_out is not None:
-        json_out.write_text(json.dumps(result.as_dict(), indent=2))
+        json_out.write_text(json.dumps({**result.as_dict(), "applied_by_train": enabled}, indent=2))
 
 
 @config_app.command("show")

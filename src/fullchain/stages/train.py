@@ -1,12 +1,15 @@
 """The train stage (`ds train`, the first stage of `ds run`): from a validated run config to a model artifact.
 
 `train_stage` builds data, model and optimiser from the config, trains with the Trainer and writes the model
-artifact into ``runs/<name>/model``. Later stages read only the files it wrote.
+artifact into ``runs/<name>/model``. Later stages read only the files it wrote. With
+``distributed.placement.enabled`` the model trains placed (`fullchain.distributed.placement`): big embedding
+tables in CPU memory with SparseAdam, the rest on ``train.device`` with the run's optimiser.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from rich.console import Console
 from fullchain.artifact import ArtifactMeta, save_artifact
 from fullchain.config import OptimizerConfig, RunConfig, dump_config
 from fullchain.data import DataBundle, build_data
+from fullchain.distributed import placement
+from fullchain.distributed.ddp import launched_by_torchrun
 from fullchain.distributed.select import make_strategy
 from fullchain.distributed.strategy import LocalStrategy
 from fullchain.errors import TrainingStopped, UserError
@@ -39,12 +44,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The configured optimiser. A pretrained model's freshly initialised head (its `fresh_parameters`) is a
-    second parameter group at ``lr * head_lr_scale``: a new layer needs a from-scratch rate, the pretrained
-    body only a nudge."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig,
+                    only: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """The configured optimiser (over `only` of the model's parameters when given: a placed model's dense part).
+    A pretrained model's freshly initialised head (its `fresh_parameters`) is a second parameter group at
+    ``lr * head_lr_scale``: a new layer needs a from-scratch rate, the pretrained body only a nudge."""
     fresh = set(getattr(model, "fresh_parameters", ()))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kept = None if only is None else {id(p) for p in only}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (kept is None or id(p) in kept)]
     groups = [{"params": [p for n, p in named if n not in fresh]}]
     if fresh:
         groups.append({"params": [p for n, p in named if n in fresh], "lr": cfg.lr * cfg.head_lr_scale})
@@ -165,6 +172,8 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
     checkpoints exist and none verifies, "auto" stops with exit code 2 before training, unless `allow_fresh`
     (they are then moved aside and training starts from step 0).
     """
+    if cfg.distributed.placement.enabled and launched_by_torchrun():
+        placement.require_single_process(int(os.environ["WORLD_SIZE"]))
     strategy = make_strategy(cfg)
     run_dir = cfg.run_dir
     if strategy.is_main:
@@ -187,10 +196,20 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
             console.print(f"no valid checkpoint in {checkpointer.directory}: training from step 0", soft_wrap=True)
     if resume and strategy.is_main:
         console.print(f"resuming from {resume}", soft_wrap=True)  # soft_wrap: a path stays on one line
+    if cfg.distributed.placement.enabled:
+        plan, optimizer, strategy = placement.place_for_training(
+            model, cfg, strategy.device, lambda params: build_optimizer(model, cfg.train.optimizer, params))
+        tables = ", ".join(plan.sparse_names)
+        console.print(f"distributed.placement.enabled: {tables} in CPU memory with SparseAdam, the rest on "
+                      f"{strategy.device}" if tables else "distributed.placement.enabled: no sparse or big table, "
+                      f"every parameter on {strategy.device}", highlight=False)
+        placement.print_plan(plan, console)
+    else:
+        optimizer = build_optimizer(model, cfg.train.optimizer)
     exporter = metrics_endpoint(cfg) if strategy.is_main else None
     trainer = Trainer(
         model,
-        build_optimizer(model, cfg.train.optimizer),
+        optimizer,
         bundle.train,
         bundle.val,
         cfg.train,

@@ -116,14 +116,16 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None)
 
     Sharded gradients (DTensors) count whole: the norm of each device mesh's gradients is reduced over its
     ranks, and meshes are combined here, since torch's ``clip_grad_norm_`` cannot mix DTensors of two meshes
-    (a tensor-parallel layer's and an FSDP-only layer's).
+    (a tensor-parallel layer's and an FSDP-only layer's). A sparse gradient (an embedding table's looked-up rows)
+    counts by its coalesced values, since torch's norms have no sparse kernel; scaling works on it as it is.
     """
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
     by_mesh: dict[object, list[torch.Tensor]] = {}
     for p in params:
-        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+        grad = p.grad.coalesce().values() if p.grad.is_sparse else p.grad  # a repeated row's parts add up first
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(grad)
     norms = [torch.nn.utils.get_total_norm(grads) for grads in by_mesh.values()]
     norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
