@@ -61,12 +61,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(n: int, scenario: dict, out: Path) -> list[subprocess.Popen]:
+def start_ranks(n: int, scenario: dict | None, out: Path, script: str = __file__) -> list[subprocess.Popen]:
+    """`n` gloo ranks of `script` (this file by default) with `out` as their argument; `scenario` goes to
+    ``out/scenario.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scenario.json").write_text(json.dumps(scenario))
+    if scenario is not None:
+        (out / "scenario.json").write_text(json.dumps(scenario))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(n),
            "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": "1"}
-    return [subprocess.Popen([sys.executable, __file__, str(out)], cwd=REPO,
+    return [subprocess.Popen([sys.executable, script, str(out)], cwd=REPO,
                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
 

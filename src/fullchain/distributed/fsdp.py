@@ -30,6 +30,7 @@ from fullchain.distributed.balance import ShardedLoadBalancer, UniformSplit
 from fullchain.distributed.comm.replicas import ReplicaAllReduce
 from fullchain.distributed.ddp import ProcessGroupStrategy
 from fullchain.distributed.mesh import build_mesh, data_coordinate, resolve_shape
+from fullchain.distributed.tensor_parallel import fsdp_shard_placement, fused_layouts, logical_state, physical_state
 from fullchain.errors import UserError
 
 PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,12 +48,15 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 def shard_blocks(model: nn.Module, mesh: Any, mp_policy: MixedPrecisionPolicy) -> nn.Module:
-    """``fully_shard`` each block of each ``nn.ModuleList`` (one all-gather per block), then the root."""
+    """``fully_shard`` each block of each ``nn.ModuleList`` (one all-gather per block), then the root.
+
+    A fused projection (`FusedColwiseParallel`) is sharded on its last dim (`fsdp_shard_placement`)."""
+    placement = fsdp_shard_placement(model)
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
             for block in module:
-                fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+                fully_shard(block, mesh=mesh, mp_policy=mp_policy, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, shard_placement_fn=placement)
     return model
 
 
@@ -146,12 +150,13 @@ class MeshStrategy(ProcessGroupStrategy):
         """Fill a wrapped model's shards from `full_state` (whole tensors, needed on rank 0 only: rank 0 sends
         each rank its shard, so no other rank ever holds the whole model)."""
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, full_state if self.is_main else {}, options=options)
+        own = physical_state(full_state, fused_layouts(model)) if self.is_main else {}
+        set_model_state_dict(model, own, options=options)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Whole CPU tensors on rank 0 (empty elsewhere); collective."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options)
+        return logical_state(get_model_state_dict(model, options=options), fused_layouts(model))
 
     def full_model(self, model: nn.Module) -> nn.Module | None:
         state = self.full_state_dict(model)

@@ -30,6 +30,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from fullchain.distributed.tensor_parallel import (
+    FusedLayout,
+    LogicalLoadPlanner,
+    LogicalSavePlanner,
+    as_logical,
+    fused_layouts,
+    logical_shape,
+    physical_state,
+)
 from fullchain.train.checkpoint.files import decode, encode, tensor_refs
 
 DCP_DIR = "dcp"
@@ -92,18 +101,36 @@ def make_stager() -> DefaultStager:
 
 def stage(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
           stager: DefaultStager) -> tuple[dict[str, Any], Any]:
-    """CPU copy of this rank's model + optimiser tensors (DTensors stay DTensors) and the optimiser's structure."""
+    """CPU copy of this rank's model + optimiser tensors (DTensors stay DTensors) and the optimiser's structure.
+
+    Fused parameters (`fullchain.distributed.tensor_parallel`) go to DCP in their ordinary shape."""
     if optimizer is None:
         model_sd, optim_tree, optim_tensors = get_model_state_dict(model), None, {}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         optim_tree, optim_tensors = encode(optim_sd)
     staged = stager.stage({"model": model_sd, "optimizer": optim_tensors})
-    return staged, optim_tree
+    layouts = fused_layouts(model)
+    logical = {"model": as_logical(staged["model"], layouts),
+               "optimizer": as_logical(staged["optimizer"], _optimizer_layouts(optim_tree, layouts))}
+    return logical, optim_tree
+
+
+def _state_layout(path: tuple, layouts: dict[str, FusedLayout]) -> FusedLayout | None:
+    """The fused layout of the parameter an optimiser state path (``state.<fqn>.<name>``) belongs to, if any."""
+    return layouts.get(path[1]) if len(path) > 2 and path[0] == "state" else None
+
+
+def _optimizer_layouts(optim_tree: Any, layouts: dict[str, FusedLayout]) -> dict[str, FusedLayout]:
+    """``{encoded optimiser key: layout}`` of the state of fused parameters (`tensor_parallel`)."""
+    if optim_tree is None or not layouts:
+        return {}
+    return {key: layout for path, key in tensor_refs(optim_tree) if (layout := _state_layout(path, layouts))}
 
 
 def save(staged: dict[str, Any], directory: Path, group: dist.ProcessGroup) -> None:
-    dcp.save(staged, storage_writer=FileSystemWriter(str(directory), sync_files=True), process_group=group)
+    dcp.save(staged, storage_writer=FileSystemWriter(str(directory), sync_files=True), process_group=group,
+             planner=LogicalSavePlanner())
 
 
 def _mismatch(what: str, missing: set[str], unexpected: set[str]) -> str:
@@ -120,6 +147,7 @@ def load(directory: Path, optim_tree: Any, model: torch.nn.Module, optimizer: to
         model_sd, optim_sd = get_model_state_dict(model), None
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
+    layouts = fused_layouts(model)
     saved_model = {k[len("model."):] for k in saved if k.startswith("model.")}
     if set(model_sd) != saved_model:
         raise ValueError(_mismatch("model", set(model_sd) - saved_model, saved_model - set(model_sd)))
@@ -139,13 +167,18 @@ def load(directory: Path, optim_tree: Any, model: torch.nn.Module, optimizer: to
                     current = current[part]
                 else:
                     current = None
-            if isinstance(current, torch.Tensor) and tuple(current.shape) == tuple(md.size):
+            layout = _state_layout(path, layouts)
+            if isinstance(current, torch.Tensor) and tuple(logical_shape(current, layout)) == tuple(md.size):
                 target["optimizer"][key] = current
             else:  # state this optimiser has not created yet: a full (unsharded) tensor of the saved shape
-                target["optimizer"][key] = torch.empty(md.size, dtype=md.properties.dtype)
+                fresh = torch.empty(md.size, dtype=md.properties.dtype)
+                target["optimizer"][key] = fresh if layout is None else fresh.view(layout.physical)
+    to_read = {"model": as_logical(model_sd, layouts),
+               "optimizer": as_logical(target["optimizer"], _optimizer_layouts(optim_tree, layouts))}
     with warnings.catch_warnings():  # one process: DCP warns that it assumes so, which is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(target, storage_reader=SafeReader(str(directory)), process_group=group, no_dist=group is None)
+        dcp.load(to_read, storage_reader=SafeReader(str(directory)), process_group=group, no_dist=group is None,
+                 planner=LogicalLoadPlanner())
     if optimizer is None:
         set_model_state_dict(model, model_sd)
     else:
@@ -157,6 +190,8 @@ def load_full(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, m
               optim_sd: dict[str, Any] | None) -> None:
     """Load a single-process checkpoint (full tensors, torch's optimiser format) into a distributed model."""
     options = StateDictOptions(full_state_dict=True, strict=True)
+    layouts = fused_layouts(model)
+    model_sd = physical_state(model_sd, layouts)
     if optimizer is None or optim_sd is None:
         set_model_state_dict(model, model_sd, options=options)
         return
@@ -166,7 +201,8 @@ def load_full(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, m
     if n_saved != len(fqns):
         raise ValueError(f"the checkpoint's optimizer has {n_saved} parameters, this one {len(fqns)}")
     by_fqn = {
-        "state": {fqns[i]: s for i, s in optim_sd["state"].items()},
+        "state": {fqns[i]: physical_state(s, dict.fromkeys(s, layouts.get(fqns[i])))
+                  for i, s in optim_sd["state"].items()},
         "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in optim_sd["param_groups"]],
     }
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=by_fqn, options=options)
