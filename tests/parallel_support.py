@@ -7,6 +7,7 @@ safetensors, which the test compares with a single-process reference (`reference
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -141,11 +142,12 @@ def _train(out: Path, spec: dict) -> dict:
     from fullchain.train.trainer import Trainer
 
     strategy = _strategy(spec)
-    if spec.get("meta"):  # no rank allocates the whole model; rank 0's seed weights arrive shard by shard
-        with torch.device("meta"):
-            model = build_model()
-    else:
+    on_meta = spec.get("meta") and not strategy.is_main  # as `ds train` does: only rank 0 builds the whole model
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
         model = build_model()
+        if spec.get("meta"):  # a buffer no state dict carries: it must come from rank 0 too
+            model.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+    seed_state = model.state_dict() if spec.get("meta") and strategy.is_main else None
     if spec.get("delay"):  # rank r is (r + 1) times slower per sample
         slow_down(model, spec["delay"] * (strategy.rank + 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -155,7 +157,8 @@ def _train(out: Path, spec: dict) -> dict:
                       run_dir=out if spec.get("balance") else None,  # metrics.jsonl for `ds logs analyze`
                       resume="auto" if spec.get("resume") else None, callbacks=[_Pace(spec.get("pace", 0.0))])
     if spec.get("meta"):
-        strategy.materialize(trainer.model, build_model().state_dict() if strategy.is_main else None)
+        strategy.materialize(trainer.model, seed_state)
+        (out / f"buffer-rank{strategy.rank}.json").write_text(json.dumps(trainer.model.scale.tolist()))
     result = trainer.fit()
     full = strategy.full_model(trainer.model)
     if strategy.is_main:

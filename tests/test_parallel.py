@@ -5,6 +5,7 @@ Real processes (2 and 4 gloo ranks started by `parallel_support`), a real SIGKIL
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ def test_fsdp_built_on_meta_gathered_state_equals_one_process(tmp_path, referenc
     result = run_ranks(2, {"strategy": "fsdp", "mesh": {"shard": 2}, "steps": 4, "meta": True}, tmp_path)
     assert (result["data_rank"], result["data_world_size"]) == (0, 2)
     assert_same_state(load_state(tmp_path / "state.safetensors"), reference_4_steps)
+    for rank in range(2):  # a non-persistent buffer, in no state dict, is rank 0's on every rank
+        assert json.loads((tmp_path / f"buffer-rank{rank}.json").read_text()) == [2.0, 2.0, 2.0]
 
 
 def committed_steps(directory: Path) -> list[int]:

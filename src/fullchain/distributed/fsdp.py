@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -114,6 +115,11 @@ class MeshStrategy(ProcessGroupStrategy):
             model.to_empty(device=self.device)
         return model
 
+    @property
+    def builds_on_meta(self) -> bool:
+        """Ranks other than 0 build the model on the meta device; `materialize` fills their shards from rank 0."""
+        return True
+
     def splitter(self, global_batch: int) -> UniformSplit | ShardedLoadBalancer:
         """Uniform, or balanced with speeds measured around FSDP2's gathers (`ShardedLoadBalancer`)."""
         balance = self.cfg.balance
@@ -152,6 +158,8 @@ class MeshStrategy(ProcessGroupStrategy):
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         own = physical_state(full_state, fused_layouts(model)) if self.is_main else {}
         set_model_state_dict(model, own, options=options)
+        for buffer in model.buffers():  # unsharded, and not all in a state dict (non-persistent ones)
+            dist.broadcast(buffer, src=0)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Whole CPU tensors on rank 0 (empty elsewhere); collective."""

@@ -51,6 +51,12 @@ class LocalStrategy:
         """How many slices each global batch is cut into."""
         return self.world_size
 
+    @property
+    def builds_on_meta(self) -> bool:
+        """Whether ranks other than 0 build the model on the meta device (a sharding strategy's `materialize`
+        then fills them from rank 0); every rank builds it whole here."""
+        return False
+
     def splitter(self, global_batch: int) -> UniformSplit:
         """How each global batch is split over the data ranks (`fullchain.distributed.balance`)."""
         return UniformSplit(self)

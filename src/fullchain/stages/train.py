@@ -8,6 +8,7 @@ tables in CPU memory with SparseAdam, the rest on ``train.device`` with the run'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -82,13 +83,20 @@ class Prepared:
     args: dict[str, Any]
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """The run file's data and model: a pretrained Hugging Face checkpoint, or a model built for the data."""
+def prepare(cfg: RunConfig, on_meta: bool = False) -> Prepared:
+    """The run file's data and model: a pretrained Hugging Face checkpoint, or a model built for the data (on the
+    meta device with `on_meta`: its structure only, for a sharding strategy to materialise)."""
     if cfg.model.hf is not None:
         return prepare_pretrained(cfg)
     with console.status(f"loading {cfg.data.name}"):
         bundle = build_data(cfg.data, seed=cfg.seed)
-    model, builder, args = build_model_for(cfg, bundle)
+    try:
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            model, builder, args = build_model_for(cfg, bundle)
+    except (RuntimeError, NotImplementedError):
+        if not on_meta:
+            raise
+        model, builder, args = build_model_for(cfg, bundle)  # a model that reads tensor values while it is built
     return Prepared(bundle, model, bundle.task, builder, args)
 
 
@@ -180,8 +188,11 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.seed)
-    prepared = prepare(cfg)
+    # A sharding strategy: only rank 0 builds the whole model; it sends every rank its shards after wrapping
+    from_rank0 = strategy.builds_on_meta and cfg.model.hf is None
+    prepared = prepare(cfg, on_meta=from_rank0 and not strategy.is_main)
     bundle, model = prepared.bundle, prepared.model
+    seed_state = model.state_dict() if from_rank0 and strategy.is_main else None  # wrapping replaces parameters
     n_params = count_parameters(model)
     if strategy.is_main:
         console.print(
@@ -222,6 +233,9 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
         resume=resume,
         callbacks=[exporter] if exporter is not None else [],
     )
+    if from_rank0:
+        strategy.materialize(trainer.model, seed_state)
+        del seed_state
     try:
         result = trainer.fit()
     finally:
