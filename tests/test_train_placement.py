@@ -24,7 +24,7 @@ from fullchain.stages.evaluate import evaluate_artifact
 from fullchain.stages.train import build_model_for, build_optimizer, train_stage
 from fullchain.train.checkpoint import Checkpointer
 from fullchain.train.evaluation import evaluate_model
-from fullchain.train.trainer import Trainer
+from fullchain.train.trainer import CheckpointMismatch, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE = "encoder.tok_emb"  # 800 x 32 fp32 = 0.1 MB: over the threshold below, so planned sparse
@@ -152,6 +152,12 @@ def test_placed_ds_train_resumes_exactly_and_writes_the_ordinary_artifact(bundle
     direct = evaluate_model(trained, loader, bundle.task, torch.device("cpu"))
     assert scored["n"] == direct["n"] == len(bundle.test)
     assert scored["accuracy"] == direct["eval_accuracy"] > 0.4  # five topics: chance is 0.2
+
+    # the placed run's checkpoint resumed with placement switched off: one line, not torch's KeyError
+    unplaced = validate_config({**run_config(tmp_path), "distributed": {}})
+    shutil.rmtree(checkpoints / "step-000030")
+    with pytest.raises(CheckpointMismatch, match=r"step-000015: its optimizer state does not fit this run's optimizer"):
+        train_stage(unplaced, resume="auto")
 
 
 def test_several_processes_are_refused_in_one_line_naming_the_setting(tmp_path, monkeypatch):

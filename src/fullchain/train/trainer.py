@@ -331,7 +331,12 @@ class Trainer:
         if state.model is not None:
             self.unwrapped_model.load_state_dict(state.model)
         if state.optimizer is not None:
-            self.optimizer.load_state_dict(state.optimizer)
+            try:
+                self.optimizer.load_state_dict(state.optimizer)
+            except (KeyError, ValueError) as exc:  # torch's own messages name neither the file nor the cause
+                raise CheckpointMismatch(f"{path}: its optimizer state does not fit this run's optimizer ({exc!r}): "
+                                         "resume with the optimizer and placement settings it was saved with, "
+                                         "or start a new run") from None
         t = state.trainer
         if (t["batch_size"], t["grad_accum"]) != (self.config.batch_size, self.config.grad_accum):
             raise CheckpointMismatch(
