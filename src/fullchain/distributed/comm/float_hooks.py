@@ -36,7 +36,7 @@ def bf16_allreduce_(tensor: torch.Tensor, group=None) -> int:
         return 0
     numel = flat.numel()
     length = max(1, math.ceil(numel / world))
-    send = torch.zeros(world * length, dtype=torch.bfloat16)
+    send = torch.zeros(world * length, dtype=torch.bfloat16, device=flat.device)
     send[:numel] = flat
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)

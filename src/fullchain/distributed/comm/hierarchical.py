@@ -88,12 +88,12 @@ def _hierarchical_sum_(
     numel = flat.numel()
     procs, nodes = topology.procs_per_node, topology.num_nodes
     shard_len = max(1, math.ceil(numel / procs))
-    full = torch.zeros(procs * shard_len, dtype=tensor.dtype)
+    full = torch.zeros(procs * shard_len, dtype=tensor.dtype, device=tensor.device)
     full[:numel] = flat
     itemsize = full.element_size()
 
     if procs > 1:
-        shard = torch.empty(shard_len, dtype=tensor.dtype)
+        shard = torch.empty(shard_len, dtype=tensor.dtype, device=tensor.device)
         dist.reduce_scatter_tensor(shard, full, group=topology.intra_group)
         stats.intra_node_bytes += (procs - 1) * shard_len * itemsize
     else:

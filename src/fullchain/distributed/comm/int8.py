@@ -127,14 +127,14 @@ def int8_allreduce_uncounted_(tensor: torch.Tensor, state: Int8HookState, key: s
     length, subchunks, padded = chunk_layout(numel, world, cs)
 
     # chunk j = flat[j L : (j + 1) L] (the last one zero-padded), each padded to Lp = S * chunk_size
-    x = torch.zeros(world, padded, dtype=torch.float32)
-    staged = torch.zeros(world * length, dtype=torch.float32)
+    x = torch.zeros(world, padded, dtype=torch.float32, device=flat.device)  # NCCL sends device tensors only
+    staged = torch.zeros(world * length, dtype=torch.float32, device=flat.device)
     staged[:numel] = flat
     x[:, :length] = staged.view(world, length)
 
     worker_res = state.worker_residuals.get(key) if state.error_feedback else None
     if worker_res is not None and worker_res.shape == x.shape:
-        x += worker_res
+        x += worker_res.to(x.device)  # a restored residual comes from the CPU
     q1, s1 = quantize_int8(x, cs)
     if state.error_feedback:
         state.worker_residuals[key] = x - dequantize_int8(q1, s1, cs)
@@ -148,13 +148,13 @@ def int8_allreduce_uncounted_(tensor: torch.Tensor, state: Int8HookState, key: s
 
     owner_res = state.owner_residuals.get(key) if state.error_feedback else None
     if owner_res is not None and owner_res.shape == (padded,):
-        reduced += owner_res
+        reduced += owner_res.to(reduced.device)
     q2, s2 = quantize_int8(reduced, cs)
     if state.error_feedback:
         state.owner_residuals[key] = (reduced - dequantize_int8(q2, s2, cs)).view(-1)
 
     mine = pack_messages(q2, s2, length).view(-1)
-    gathered = torch.empty(world * mine.numel(), dtype=torch.int8)
+    gathered = torch.empty(world * mine.numel(), dtype=torch.int8, device=mine.device)
     dist.all_gather_into_tensor(gathered, mine, group=group)
     result = unpack_messages(gathered.view(world, -1), length, padded, cs)[:, :length].reshape(-1)[:numel]
     flat.copy_(result)

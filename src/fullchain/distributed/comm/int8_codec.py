@@ -45,7 +45,7 @@ def pack_messages(q: torch.Tensor, scales: torch.Tensor, length: int) -> torch.T
 def unpack_messages(msg: torch.Tensor, length: int, padded: int, chunk_size: int) -> torch.Tensor:
     """The dequantised fp32 rows (shape ``(rows, padded)``, zero past ``length``) of :func:`pack_messages`' output."""
     rows = msg.shape[0]
-    q = torch.zeros(rows, padded, dtype=torch.int8)
+    q = torch.zeros(rows, padded, dtype=torch.int8, device=msg.device)
     q[:, :length] = msg[:, :length]
     scales = msg[:, length:].contiguous().view(torch.float32)
     return dequantize_int8(q, scales, chunk_size)
