@@ -147,6 +147,27 @@ def test_fp16_scaler_skips_overflowing_steps_and_counts_them(digits):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_every_epoch_ends_with_an_evaluation_the_last_one_too(digits, grad_accum):
+    """`epochs: 2` without eval_every: an evaluation after each epoch, also after the last step of the last."""
+    ends = []
+
+    class Recorder(Callback):
+        def on_epoch_end(self, trainer, epoch):
+            ends.append(("epoch", epoch))
+
+        def on_eval_end(self, trainer, metrics):
+            ends.append(("eval", trainer.step))
+
+    model = mlp(digits)
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), Subset(digits.train, range(200)), digits.val,
+                config=quiet(epochs=2, batch_size=32, grad_accum=grad_accum), callbacks=[Recorder()])
+    result = t.fit()
+    per_epoch = t.steps_per_epoch
+    assert ends == [("epoch", 1), ("eval", per_epoch), ("epoch", 2), ("eval", 2 * per_epoch)]
+    assert result.last_eval["epoch"] == 2
+
+
 def test_metrics_jsonl_callbacks_and_schedule(digits, tmp_path):
     events = []
 

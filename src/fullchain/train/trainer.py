@@ -120,8 +120,8 @@ class Trainer:
         self.split = self.strategy.splitter(cfg.batch_size * self.strategy.data_world_size)
         self.train_loader = self._loader(train_data, collate_fn, shuffle=True)
         self.eval_loader = self._loader(eval_data, collate_fn, shuffle=False) if eval_data is not None else None
-        micro_batches_per_epoch = len(self.train_loader)
-        self.steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / cfg.grad_accum))
+        self.micro_batches_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = max(1, math.ceil(self.micro_batches_per_epoch / cfg.grad_accum))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.scheduler = scheduler or make_scheduler(optimizer, self.total_steps, cfg.schedule)
         self.step = 0
@@ -258,8 +258,9 @@ class Trainer:
                     self.evaluate()
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
-            else:
-                continue  # stopped by the step budget or a signal: leave the epoch unfinished
+            else:  # the step budget is spent or a signal arrived; the epoch ends only if its last batch ran
+                if stop.requested or self.micro_batches_in_epoch < self.micro_batches_per_epoch:
+                    continue
             self.epoch += 1
             self.micro_batches_in_epoch = 0
             self.callbacks.fire("on_epoch_end", self, self.epoch)
