@@ -222,13 +222,11 @@ def _load_one_process_checkpoint(directory: Path, path: Path) -> None:
 
     from fullchain.distributed.tensor_parallel import fused_layouts, logical_state
     from fullchain.train.checkpoint import Checkpointer
-    from fullchain.train.trainer import Trainer
 
-    strategy, model = _strategy({"shard": 2, "tensor": 2}), build_model()
+    strategy = _strategy({"shard": 2, "tensor": 2})
     checkpointer = Checkpointer(directory, world_size=4, rank=strategy.rank, async_save=False)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), dataset(),
-                      config=train_config(STEPS, PER_RANK_BATCH), strategy=strategy, checkpointer=checkpointer)
-    model, optimizer = trainer.model, trainer.optimizer  # wrapped, and as the Trainer keeps them (initial_lr)
+    model = strategy.wrap(build_model())  # a bare optimiser: no scheduler, so none of the Trainer's initial_lr
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     checkpointer.load(checkpointer.latest_valid(), model=model, optimizer=optimizer)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)  # whole tensors on rank 0 only

@@ -203,6 +203,9 @@ def load_full(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, m
     by_fqn = {
         "state": {fqns[i]: physical_state(s, dict.fromkeys(s, layouts.get(fqns[i])))
                   for i, s in optim_sd["state"].items()},
-        "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in optim_sd["param_groups"]],
+        # only the settings this optimiser's groups hold: a scheduler's ``initial_lr`` is saved with the Trainer's
+        # optimiser, and torch's loader looks every saved key up in the current groups
+        "param_groups": [{**{k: v for k, v in g.items() if k in current}, "params": [fqns[i] for i in g["params"]]}
+                         for g, current in zip(optim_sd["param_groups"], optimizer.param_groups, strict=True)],
     }
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=by_fqn, options=options)
