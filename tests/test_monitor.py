@@ -165,6 +165,20 @@ def test_ds_profile_writes_the_split_a_chrome_trace_and_a_report(tmp_path):
     assert "Top operators" in (out / "report.html").read_text()
 
 
+def test_ds_profile_reads_dict_batches_and_profiles_the_placed_model(tmp_path):
+    """A text run (dict batches) with its token table placed: `ds profile` profiles what `ds train` would run."""
+    raw = {"name": "text", "runs_dir": str(tmp_path / "runs"), "seed": 0,
+           "data": {"name": "bbc_news", "max_samples": 200, "tokenizer": {"vocab_size": 600, "max_length": 48}},
+           "model": {"name": "transformer", "args": {"d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64}},
+           "train": {"batch_size": 16}, "distributed": {"placement": {"enabled": True, "sparse_threshold_mb": 0.05}}}
+    path = tmp_path / "text.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = run([*DS, "profile", str(path), "--steps", "3"])
+    assert result.returncode == 0, result.stderr
+    trace = (tmp_path / "runs" / "text" / "profile" / "trace.json").read_text()
+    assert "SparseAdam.step" in trace  # the table's own optimiser ran under the profiler
+
+
 def test_unreachable_endpoint_retries_then_exits_1_with_a_clear_message():
     result = run([*MONITOR, "--endpoint", f"127.0.0.1:{free_port()}", "--duration", "1.5", "--interval", "0.3"])
     assert result.returncode == 1

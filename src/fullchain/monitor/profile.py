@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from fullchain import metric_names as M
 from fullchain.monitor.report import Report, Table
 from fullchain.monitor.rules import diagnose
+from fullchain.tasks import batch_size
 
 PHASES = ("data", "forward", "backward", "optimizer", "comm")
 WARMUP_STEPS = 5
@@ -112,7 +113,7 @@ def profile_trainer(trainer: Any, steps: int, out_dir: Path | None = None, top: 
                 trainer.step += 1
                 data += fetched - start
                 total += time.perf_counter() - start
-                samples += sum(len(y) for _, y in micro_batches)
+                samples += sum(batch_size(batch) for batch in micro_batches)  # tuples and dict batches alike
     finally:
         for handle in handles:
             handle.remove()

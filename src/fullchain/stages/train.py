@@ -64,6 +64,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig,
         raise UserError(f"train.optimizer.args: {exc}") from None
 
 
+def place_model(model: torch.nn.Module, cfg: RunConfig,
+                device: torch.device) -> tuple[placement.Plan, torch.optim.Optimizer, LocalStrategy]:
+    """``distributed.placement.enabled``: the run's plan applied to `model`, its optimiser (the run's over the
+    dense part, SparseAdam over the tables) and the strategy that leaves the placed model where it is."""
+    return placement.place_for_training(model, cfg, device,
+                                        lambda params: build_optimizer(model, cfg.train.optimizer, params))
+
+
 @dataclass
 class TrainOutcome:
     result: TrainResult
@@ -208,8 +216,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None, allow_fresh: bool = F
     if resume and strategy.is_main:
         console.print(f"resuming from {resume}", soft_wrap=True)  # soft_wrap: a path stays on one line
     if cfg.distributed.placement.enabled:
-        plan, optimizer, strategy = placement.place_for_training(
-            model, cfg, strategy.device, lambda params: build_optimizer(model, cfg.train.optimizer, params))
+        plan, optimizer, strategy = place_model(model, cfg, strategy.device)
         tables = ", ".join(plan.sparse_names)
         console.print(f"distributed.placement.enabled: {tables} in CPU memory with SparseAdam, the rest on "
                       f"{strategy.device}" if tables else "distributed.placement.enabled: no sparse or big table, "
