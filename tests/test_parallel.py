@@ -80,17 +80,23 @@ def test_hsdp_compresses_the_all_reduce_across_replicas_with_int8(tmp_path):
     # replicate 2 x shard 2: FSDP2 reduce-scatters inside each replica in fp32, int8 carries the shards across
     scenario = {"strategy": "fsdp", "mesh": {"replicate": 2, "shard": 2}, "steps": 6, "every": 100,
                 "comm": {"compression": "int8", "compression_start_step": 2, "chunk_size": 64}}
-    result = run_ranks(4, scenario, tmp_path)
+    result = run_ranks(4, scenario, tmp_path / "whole")
     comm = result["replica_comm"]
     fp32_per_step = comm["fp32_bytes"] / 2
     int8_per_step = (comm["bytes"] - comm["fp32_bytes"]) / 4
-    assert comm["steps"] >= 5 and 0 < int8_per_step < 0.35 * fp32_per_step  # ~1/4 of fp32, scales included
+    assert comm["steps"] == 6 and 0 < int8_per_step < 0.35 * fp32_per_step  # ~1/4 of fp32, scales included
     print(f"across replicas: int8 {int8_per_step:.0f} B/step, fp32 {fp32_per_step:.0f} B/step per rank")
-    got, want = load_state(tmp_path / "state.safetensors"), reference_state(steps=6, data_parallel=4)
+    got, want = load_state(tmp_path / "whole" / "state.safetensors"), reference_state(steps=6, data_parallel=4)
     # int8 with error feedback: close to the exact run, and not equal to it (the wire really was 8-bit)
     assert set(got) == set(want)
     assert all(torch.allclose(got[k], want[k], rtol=0, atol=2e-3) for k in want)
     assert any(not torch.equal(got[k], want[k]) for k in want)
+
+    # stopped after step 3 and resumed: every rank's residuals and the step count come back, bit for bit
+    run_ranks(4, {**scenario, "steps": 3}, tmp_path / "split")
+    assert run_ranks(4, {**scenario, "resume": True}, tmp_path / "split")["resumed_from"] == 3
+    resumed = load_state(tmp_path / "split" / "state.safetensors")
+    assert all(torch.equal(resumed[k], got[k]) for k in got)
 
 
 @pytest.mark.parametrize(("mesh", "world", "shape"), [

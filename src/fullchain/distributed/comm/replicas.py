@@ -32,9 +32,10 @@ from fullchain.distributed.comm.state import HookState
 class ReplicaAllReduce:
     """The mean over the replicate group of each FSDP2 module's gradient shard, on a compressed wire.
 
-    One optimiser step calls every module's hook once (gradient accumulation syncs on the last micro-batch
-    only); a module seen a second time starts the next step, which is when the int8 state counts a step
-    (its first ``compression_start_step`` steps stay fp32).
+    One optimiser step calls the hook of every FSDP2 module that manages parameters of its own once (gradient
+    accumulation syncs on the last micro-batch only); the last of them ends the step, which the int8 state
+    counts (its first ``compression_start_step`` steps stay fp32), so a checkpoint taken between steps resumes
+    exactly. A module seen twice before all were (one whose parameters got no gradient) also ends it.
     """
 
     def __init__(self, compression: str, group: dist.ProcessGroup, chunk_size: int, compression_start_step: int):
@@ -42,24 +43,31 @@ class ReplicaAllReduce:
         self.state: HookState = (Int8HookState(group, chunk_size, compression_start_step) if compression == "int8"
                                  else Bf16HookState(group))
         self._seen: set[str] = set()
+        self._per_step = 0
 
     def attach(self, model: nn.Module) -> None:
         """Set the hook on every FSDP2 module of `model`, keyed by its name (stable across restarts)."""
-        for name, module in model.named_modules():
-            if isinstance(module, FSDPModule):
-                module.set_all_reduce_hook(self._hook(name or "root"))
+        sharded = [(name, module) for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+        for name, module in sharded:
+            module.set_all_reduce_hook(self._hook(name or "root"))
+        self._per_step = sum(_owns_parameters(module) for _, module in sharded)
 
     def _hook(self, key: str) -> Callable[[torch.Tensor], None]:
         def all_reduce(shard: torch.Tensor) -> None:
             if key in self._seen:
-                self._seen.clear()
-                self.state._end_iteration()
+                self._end_step()
             self._seen.add(key)
             start = time.perf_counter()
             self.state.stats.bytes_sent += self._reduce(shard, key)
             self.state.stats.calls += 1
             self.state.stats.comm_time_s += time.perf_counter() - start
+            if len(self._seen) == self._per_step:
+                self._end_step()
         return all_reduce
+
+    def _end_step(self) -> None:
+        self._seen.clear()
+        self.state._end_iteration()
 
     def _reduce(self, shard: torch.Tensor, key: str) -> int:
         """Mean of `shard` over the replicas, in place; returns the bytes this rank sent."""
@@ -73,3 +81,10 @@ class ReplicaAllReduce:
         sent = ring_allreduce_bytes(shard.numel(), shard.element_size(), world)
         self.state.stats.uncompressed_bytes += sent
         return sent
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    """Whether FSDP2 reduces gradients for `module` itself: it holds parameters no inner FSDP2 module holds."""
+    inner = {id(p) for child in module.modules() if child is not module and isinstance(child, FSDPModule)
+             for p in child.parameters()}
+    return any(id(p) not in inner for p in module.parameters())
