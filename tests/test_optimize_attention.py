@@ -68,6 +68,15 @@ def test_a_causal_buffer_sliced_to_the_length_becomes_is_causal():
         "gpt2_sliced_causal", LONGEST)])
 
 
+def test_a_graph_slicing_a_buffer_runs_at_the_buffer_s_full_length_and_refuses_longer():
+    # nanoGPT's `self.bias[:, :, :T, :T]`: the exporter guards T != 2048 (the slice is not the whole buffer)
+    model = fusion_models.build("gpt2_sliced_causal")
+    gm = capture(model, fusion_models.inputs("gpt2_sliced_causal", 2, 24))
+    assert_same_on(model, gm, [fusion_models.inputs("gpt2_sliced_causal", 1, fusion_models.LONGEST)])
+    with pytest.raises(AssertionError, match=f"<= {fusion_models.LONGEST}"):
+        gm(*fusion_models.inputs("gpt2_sliced_causal", 1, fusion_models.LONGEST + 1))
+
+
 def test_a_padding_only_row_keeps_the_original_numbers_for_each_fill_value():
     """masked_fill with a finite fill averages V on an all-masked row, -inf gives NaN: SDPA alone gives zeros."""
 

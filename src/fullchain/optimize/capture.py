@@ -32,6 +32,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import re
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -124,6 +125,13 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
+# A guard such as ``L['x'].size()[1] != 2048`` excludes one size: the exporter's record that a slice of a buffer by
+# the traced length (nanoGPT's ``self.bias[:, :, :T, :T]``) did not cover the whole buffer, which decides aliasing,
+# not values. Kept, it would make the graph refuse the model's own longest input, so it is dropped; range guards
+# (``<= 2048``) stay, and the optimise stage's parity check on the longest input confirms the values.
+_EXCLUDES_ONE_SIZE = re.compile(r"\.size\(\)\[\d+\] != \d+$")
+
+
 def _export(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     args, kwargs = _two_rows((args, kwargs))  # together: one batch dimension across every input
     signature = inspect.signature(module.forward)
@@ -134,6 +142,7 @@ def _export(module: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     dynamic = {name: tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
     with _quiet_exporter():
         program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    program._guards_code = [g for g in program._guards_code if not _EXCLUDES_ONE_SIZE.search(g)]
     gm = program.module()
     _lift_modules(gm, module)
     _drop_dead_reads(gm)
