@@ -43,6 +43,17 @@ def bbc_transformer(tmp_path_factory) -> Path:
 SUITE_BUDGET_S = 600  # `make test` here (2 shared cores), set-up excluded: over it, shorten the slowest tests
 
 
+# The files that take longest, longest first. xdist's loadfile hands out whole files in collection order, so a long
+# file collected late (test_optimize after test_bench) kept one worker busy alone for the last minute or two.
+LONGEST_FILES_FIRST = ("test_bench.py", "test_optimize.py", "test_hf_chain.py", "test_parallel.py", "test_resume.py",
+                       "test_quantize.py", "test_compression.py", "test_parallel_fused_qkv.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+
+
 def pytest_sessionstart(session):
     session.config.stash[_STARTED] = time.monotonic()
 
