@@ -49,6 +49,7 @@ class ProcessGroupStrategy(LocalStrategy):
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         self.backend = backend
         self.rank = dist.get_rank()
+        self.comm_state = None  # a compression hook's state: checkpointed, its counters logged
         self.world_size = dist.get_world_size()
         self.local_rank = local_rank
         self.cfg = cfg
@@ -57,8 +58,20 @@ class ProcessGroupStrategy(LocalStrategy):
         balance = self.cfg.balance
         if not balance.enabled:
             return UniformSplit(self)
-        return LoadBalancer(global_batch, self.data_rank, self.data_world_size, balance.every_steps,
-                            balance.min_share)
+        return self.balancer(global_batch, self.data_rank, self.data_world_size, balance.every_steps,
+                             balance.min_share)
+
+    def balancer(self, *args) -> LoadBalancer:
+        """The balancer for this strategy's gradient sync (DDP's: sync deferred, one explicit all-reduce)."""
+        return LoadBalancer(*args)
+
+    def state_dict(self) -> dict:
+        """The communication hook's state (its residuals), when a hook compresses gradients."""
+        return {"comm_hook": self.comm_state.state_dict()} if self.comm_state is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.comm_state is not None and "comm_hook" in state:
+            self.comm_state.load_state_dict(state["comm_hook"])
 
     def barrier(self) -> None:
         dist.barrier()
@@ -84,7 +97,6 @@ class DDPStrategy(ProcessGroupStrategy):
 
     def __init__(self, cfg: DistributedConfig | None = None):
         super().__init__(cfg)
-        self.comm_state = None
         self.fp32_bytes_per_step = 0
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -106,13 +118,6 @@ class DDPStrategy(ProcessGroupStrategy):
         # A Python hook here (one whose future carries a Python callback) can also deadlock at exit: freeing
         # the reducer joins gloo's thread under the GIL while that thread waits for the GIL to drop the callback.
         return ddp
-
-    def state_dict(self) -> dict:
-        return {"comm_hook": self.comm_state.state_dict()} if self.comm_state is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.comm_state is not None and "comm_hook" in state:
-            self.comm_state.load_state_dict(state["comm_hook"])
 
     def metrics(self, steps: int) -> dict[str, float]:
         wire = {M.COMM_WIRE_BYTES_TOTAL: sent} if (sent := tcp_bytes_sent()) is not None else {}

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fullchain import metric_names as M
 from fullchain.config import DistributedConfig
-from fullchain.distributed.balance import ShardedLoadBalancer, UniformSplit
+from fullchain.distributed.balance import ShardedLoadBalancer
 from fullchain.distributed.comm.replicas import ReplicaAllReduce
 from fullchain.distributed.ddp import ProcessGroupStrategy
 from fullchain.distributed.mesh import build_mesh, data_coordinate, resolve_shape
@@ -83,6 +83,7 @@ class MeshStrategy(ProcessGroupStrategy):
         if cfg.compression != "none" and self.shape.replicate > 1:
             self.replicas = ReplicaAllReduce(cfg.compression, self.mesh["replicate"].get_group(), cfg.chunk_size,
                                              cfg.compression_start_step)
+            self.comm_state = self.replicas.state
 
     @property
     def data_rank(self) -> int:
@@ -120,13 +121,9 @@ class MeshStrategy(ProcessGroupStrategy):
         """Ranks other than 0 build the model on the meta device; `materialize` fills their shards from rank 0."""
         return True
 
-    def splitter(self, global_batch: int) -> UniformSplit | ShardedLoadBalancer:
-        """Uniform, or balanced with speeds measured around FSDP2's gathers (`ShardedLoadBalancer`)."""
-        balance = self.cfg.balance
-        if not balance.enabled:
-            return UniformSplit(self)
-        return ShardedLoadBalancer(global_batch, self.data_rank, self.data_world_size, balance.every_steps,
-                                   balance.min_share, strategy=self)
+    def balancer(self, *args) -> ShardedLoadBalancer:
+        """Balanced with speeds measured around FSDP2's gathers, FSDP2's own gradient sync."""
+        return ShardedLoadBalancer(*args, strategy=self)
 
     def sync_gradients(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """FSDP2 reduce-scatters in backward; accumulation micro-batches keep unsharded gradients instead."""
@@ -137,18 +134,11 @@ class MeshStrategy(ProcessGroupStrategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model  # FSDP2 and tensor parallelism change the module in place
 
-    def state_dict(self) -> dict:
-        return {"comm_hook": self.replicas.state.state_dict()} if self.replicas is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.replicas is not None and "comm_hook" in state:
-            self.replicas.state.load_state_dict(state["comm_hook"])
-
     def metrics(self, steps: int) -> dict[str, float]:
         """Bytes and time of the compressed all-reduce across replicas (FSDP2's own collectives are not counted)."""
-        if self.replicas is None:
+        if self.comm_state is None:
             return {}
-        stats = self.replicas.state.stats
+        stats = self.comm_state.stats
         return {M.COMM_BYTES_TOTAL: stats.bytes_sent, M.COMM_SECONDS_TOTAL: stats.comm_time_s,
                 M.COMM_INTER_NODE_BYTES_TOTAL: stats.bytes_sent}
 
